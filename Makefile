@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python 3.11 and pip:
+#   make demo   install into .venv and run the default pipeline (config.yaml)
+#   make test   install into .venv and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+
+.PHONY: demo test test-slow lint dry-run bench clean
+
+$(BIN)/eps: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/eps
+
+demo: $(BIN)/eps
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+
+test: $(BIN)/eps
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/eps
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(BIN)/eps
+	$(BIN)/snakemake --lint --configfile config.yaml
+
+dry-run: $(BIN)/eps
+	$(BIN)/snakemake -n --configfile config.yaml
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,160 @@
+"""Reading images, masks and saliency maps, writing palette PNGs and HDF5 shards.
+
+Every reader raises `EpsError("<path>: <problem>")` on a bad file; every writer writes
+to a temporary name and renames when complete, so no partial output is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from eps.errors import fail
+
+FORMAT_VERSION = 1
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), as an (n, 3) uint8 array."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_index_png(path, mask: np.ndarray) -> None:
+    """Write a uint8 index mask as a VOC-palette PNG (atomic)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"index mask must be 2-D, got shape {mask.shape}")
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette(VOC_PALETTE.reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def write_gray_png(path, array: np.ndarray) -> None:
+    """Write a uint8 single-channel PNG (atomic)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(array, np.uint8), mode="L").save(tmp, format="PNG")
+
+
+def write_rgb(path, image: np.ndarray, quality: int = 95) -> None:
+    """Write an RGB uint8 image; the format follows the extension (atomic)."""
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    with atomic_path(path) as tmp:
+        kwargs = {"quality": quality} if fmt == "JPEG" else {}
+        Image.fromarray(np.asarray(image, np.uint8), mode="RGB").save(tmp, format=fmt, **kwargs)
+
+
+def _open(path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "file not found")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise fail(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    return img
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3)."""
+    return np.asarray(_open(path).convert("RGB"))
+
+
+def read_index_png(path) -> np.ndarray:
+    """Read an index mask (palette or grayscale PNG) as uint8 (H, W), values kept as stored."""
+    img = _open(path)
+    if img.mode in ("P", "L"):
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in ("I", "I;16"):
+        arr = np.asarray(img)
+        if arr.max(initial=0) > 255:
+            raise fail(path, f"index mask has values above 255 (mode {img.mode})")
+        return arr.astype(np.uint8)
+    raise fail(path, f"expected an index or grayscale mask PNG, got mode {img.mode}")
+
+
+def read_saliency(path) -> np.ndarray:
+    """Read a saliency map as uint8 (H, W) in 0..255 (16-bit maps are rescaled, alpha dropped)."""
+    img = _open(path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def atomic_h5(path, fmt: str, dataset: str):
+    """Open a new HDF5 shard for writing under a temporary name, renamed on success.
+
+    The file carries the attributes `format`, `version` and `dataset`.
+    """
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = fmt
+            f.attrs["version"] = FORMAT_VERSION
+            f.attrs["dataset"] = dataset
+            yield f
+
+
+def open_h5(path, fmt: str, dataset: str | None = None) -> h5py.File:
+    """Open a shard for reading, checking its format, version and (optionally) dataset."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise fail(path, f"not a readable HDF5 file ({exc})") from None
+    got_fmt = f.attrs.get("format")
+    got_ver = f.attrs.get("version")
+    got_ds = f.attrs.get("dataset")
+    if got_fmt != fmt:
+        f.close()
+        raise fail(path, f"expected an HDF5 shard of format {fmt!r}, found {got_fmt!r}")
+    if got_ver != FORMAT_VERSION:
+        f.close()
+        raise fail(path, f"shard format version {got_ver!r} is not supported (expected {FORMAT_VERSION})")
+    if dataset is not None and got_ds != dataset:
+        f.close()
+        raise fail(path, f"shard belongs to dataset {got_ds!r}, not {dataset!r}")
+    return f
