@@ -1,0 +1,197 @@
+"""The `eps` command: one subcommand per pipeline stage, each a thin call into one module.
+
+User errors print one line `eps: error: <file>: <problem>` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eps.errors import EpsError
+
+
+def _params(p):
+    p.add_argument("--params", default=None, help="stage parameters: a JSON string or a JSON/YAML file")
+
+
+def cmd_synth(a):
+    from eps.config import load_params
+    from eps.data.synthetic import SYNTH_DEFAULTS, generate
+
+    generate(a.out, **load_params(a.params, SYNTH_DEFAULTS, "synth"))
+
+
+def cmd_index(a):
+    from eps.data.index import build_index
+
+    try:
+        dataset = json.loads(a.dataset)
+    except json.JSONDecodeError as exc:
+        raise EpsError(f"--dataset: not valid JSON ({exc})") from None
+    build_index(dataset, a.out)
+
+
+def cmd_saliency(a):
+    from eps.saliency import extract_shard
+
+    extract_shard(a.index, a.method, a.shard, a.out, strict=a.strict)
+
+
+def cmd_train_classifier(a):
+    from eps.config import TRAIN_DEFAULTS, load_params
+    from eps.train import train_classifier
+
+    params = load_params(a.params, TRAIN_DEFAULTS, "classifier")
+    train_classifier(a.index, a.out, params, saliency_shards=a.saliency or (), split=a.split)
+
+
+def cmd_infer_cams(a):
+    from eps.config import INFER_DEFAULTS, load_params
+    from eps.infer import infer_cams
+
+    infer_cams(a.index, a.classifier, a.out, a.split, a.shard, load_params(a.params, INFER_DEFAULTS, "infer"))
+
+
+def cmd_pseudo_masks(a):
+    from eps.config import MASK_DEFAULTS, load_params
+    from eps.infer import pseudo_masks
+
+    pseudo_masks(a.cams, a.out, a.dataset, load_params(a.params, MASK_DEFAULTS, "pseudo_masks"))
+
+
+def cmd_export_masks(a):
+    from eps.infer import export_pngs
+
+    export_pngs(a.masks, a.out, a.dataset)
+
+
+def cmd_evaluate_masks(a):
+    from eps.data.index import read_classes
+    from eps.metrics import evaluate_masks, write_metrics
+
+    if not a.gt:
+        raise EpsError("evaluate-masks: --gt DIR is required")
+    ids_path = Path(a.ids)
+    if not ids_path.is_file():
+        raise EpsError(f"{ids_path}: file not found")
+    ids = [line.strip() for line in ids_path.read_text().splitlines() if line.strip()]
+    class_names, context_names, pairs = None, None, []
+    if a.classes:
+        info = read_classes(a.classes)
+        class_names = ["background"] + list(info["classes"])
+        context_names = list(info.get("contexts", []))
+        for ctx, cls in json.loads(a.pairs or "[]"):
+            if ctx not in context_names:
+                raise EpsError(f"confusion_pairs: unknown context {ctx!r}; known: {context_names}")
+            if cls not in info["classes"]:
+                raise EpsError(f"confusion_pairs: unknown class {cls!r}; known: {info['classes']}")
+            pairs.append((context_names.index(ctx) + 1, info["classes"].index(cls) + 1))
+    result = evaluate_masks(
+        a.pred, a.gt, ids, a.num_classes, context_dir=a.context, pairs=pairs,
+        class_names=class_names, context_names=context_names, workers=a.workers,
+    )
+    write_metrics(result, a.out)
+    print(f"mIoU {100 * result['miou']:.2f} over {result['num_images']} images -> {a.out}")
+
+
+def cmd_summary(a):
+    from eps.summary import collect_summary
+
+    entries = []
+    for item in a.entry:
+        parts = item.split(":", 2)
+        if len(parts) != 3:
+            raise EpsError(f"--entry {item!r}: expected VARIANT:STAGE:METRICS_JSON")
+        entries.append(tuple(parts))
+    collect_summary(entries, a.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eps", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate the synthetic co-occurrence world (VOC layout)")
+    p.add_argument("--out", required=True)
+    _params(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("index", help="write index.csv, classes.json and ids/{split}.txt for a dataset")
+    p.add_argument("--dataset", required=True, help="the dataset config block as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("saliency", help="write one HDF5 shard of saliency maps")
+    p.add_argument("--index", required=True)
+    p.add_argument("--method", default="precomputed", choices=["precomputed"])
+    p.add_argument("--shard", default="1-of-1", help="which shard, as I-of-N")
+    p.add_argument("--strict", action="store_true", help="a map of another size than its image is an error")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("train-classifier", help="train the CAM baseline or the EPS classifier")
+    p.add_argument("--index", required=True)
+    p.add_argument("--saliency", nargs="*", help="saliency HDF5 shards (eps loss)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="classifier.pt; train_log.csv and checkpoints/ go beside it")
+    _params(p)
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("infer-cams", help="multi-scale + flip CAMs for one shard of a split")
+    p.add_argument("--index", required=True)
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--shard", default="1-of-1")
+    p.add_argument("--out", required=True)
+    _params(p)
+    p.set_defaults(func=cmd_infer_cams)
+
+    p = sub.add_parser("pseudo-masks", help="pseudo-masks from one CAM shard")
+    p.add_argument("--cams", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name the shards belong to")
+    p.add_argument("--out", required=True)
+    _params(p)
+    p.set_defaults(func=cmd_pseudo_masks)
+
+    p = sub.add_parser("export-masks", help="write mask shards as VOC-palette PNGs")
+    p.add_argument("--masks", nargs="+", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_masks)
+
+    p = sub.add_parser("evaluate-masks", help="mIoU, per-class IoU/precision/recall, co-occurrence confusion")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gt", required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--num-classes", type=int, required=True, help="including background (21 for VOC)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--context", default=None, help="folder of context index PNGs (co-occurrence confusion)")
+    p.add_argument("--classes", default=None, help="index.csv or classes.json naming classes and contexts")
+    p.add_argument("--pairs", default=None, help='JSON list of [context, class] names, e.g. [["rail", "train"]]')
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_evaluate_masks)
+
+    p = sub.add_parser("summary", help="collect metrics.json files into summary.csv")
+    p.add_argument("--entry", action="append", required=True, help="VARIANT:STAGE:METRICS_JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EpsError as exc:
+        print(f"eps: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eps: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

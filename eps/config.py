@@ -1,0 +1,104 @@
+"""Stage parameters: what a rule passes to a subcommand, merged over documented defaults.
+
+A rule passes exactly the config sub-block its stage uses (as JSON), so Snakemake reruns a
+stage when, and only when, one of its own parameters changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from eps.errors import EpsError
+
+# Classifier training defaults: the small CPU setting. The official VOC setting is the
+# `voc12` preset (configs/voc12.yaml): resnet38, 20k iterations, batch 8, crop 448, lr 0.01,
+# weight decay 5e-4, momentum 5e-4 (the official PolyOptimizer's quirk), tau 0.4, lambda 0.5.
+TRAIN_DEFAULTS = {
+    "loss": "eps",  # "eps" (C+1 outputs, classification + saliency loss) or "cam" (C outputs)
+    "backbone": "small",
+    "weights": None,  # a local backbone weights file (state_dict); None = from scratch
+    "tau": 0.4,
+    "lam": 0.5,
+    "selection": "adaptive",  # adaptive | naive | predefined
+    "background_classes": [],  # class names sent to background by `predefined`
+    "iterations": 300,
+    "batch_size": 8,
+    "crop": 96,
+    "resize_long": [88, 112],  # random resize of the long side before cropping
+    "lr": 0.01,
+    "weight_decay": 5e-4,
+    "momentum": 0.9,
+    "poly_power": 0.9,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "num_workers": 0,
+    "device": "auto",
+}
+
+INFER_DEFAULTS = {
+    "scales": [0.5, 1.0, 1.5, 2.0],
+    "flip": True,
+    "batch_size": 8,
+    "device": "auto",
+    "amp": False,
+}
+
+MASK_DEFAULTS = {"bg_threshold": 0.20}
+
+
+def load_params(value: str | None, defaults: dict, what: str) -> dict:
+    """Merge a JSON string, or a JSON/YAML file path, over `defaults`; unknown keys are errors."""
+    given: dict = {}
+    if value:
+        if os.path.isfile(value):
+            with open(value) as f:
+                given = yaml.safe_load(f) or {}
+            source = value
+        else:
+            try:
+                given = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise EpsError(f"--params: not valid JSON and not a file ({exc})") from None
+            source = "--params"
+        if not isinstance(given, dict):
+            raise EpsError(f"{source}: {what} parameters must be a mapping")
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise EpsError(f"{source}: unknown {what} parameter(s) {unknown}; known: {sorted(defaults)}")
+    params = dict(defaults)
+    params.update(given)
+    return params
+
+
+def choose_device(name: str = "auto"):
+    """`auto` picks CUDA when present, else CPU; an explicit `cuda` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EpsError(f"device: {name!r} requested but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise EpsError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def set_threads() -> None:
+    """Use the CPU count the scheduler granted (Snakemake passes it as EPS_THREADS)."""
+    import torch
+
+    threads = os.environ.get("EPS_THREADS")
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically."""
+    from eps.data.io import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

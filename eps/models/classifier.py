@@ -1,0 +1,77 @@
+"""Classification network: a backbone plus a 1x1 conv head whose maps are the CAMs.
+
+The backbone's submodules are registered directly on the classifier (no ``backbone.``
+prefix), so a ResNet-38 classifier has exactly the state_dict names of the official EPS
+``resnet38_eps.Net`` and its released weights load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eps.errors import EpsError
+from eps.models.resnet38 import ResNet38
+from eps.models.small import SmallNet
+
+BACKBONES = {"resnet38": ResNet38, "small": SmallNet}
+
+
+class Classifier(nn.Module):
+    """``forward(x) -> (logits, cam)``; cam has C+1 channels (last = background) if
+    ``background`` else C; logits are the global average pool of all cam channels.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, background: bool = True):
+        super().__init__()
+        if list(backbone.parameters(recurse=False)) or list(backbone.buffers(recurse=False)):
+            raise ValueError("a backbone must keep its parameters and buffers in submodules")
+        for name, child in backbone.named_children():
+            self.add_module(name, child)
+        # Kept out of the module tree (object.__setattr__), so its children are not
+        # registered twice and names carry no prefix; it shares the child modules above.
+        object.__setattr__(self, "_backbone", backbone)
+        self.num_classes = num_classes
+        self.background = background
+        self.output_stride = backbone.output_stride
+        k = num_classes + 1 if background else num_classes
+        self.fc8 = nn.Conv2d(backbone.out_channels, k, 1, bias=False)
+        nn.init.xavier_uniform_(self.fc8.weight)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._backbone.train(mode)  # lets the backbone re-apply what it keeps frozen
+        return self
+
+    def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self._backbone(x))
+
+    def forward(self, x: torch.Tensor):
+        cam = self.forward_cam(x)
+        logits = F.adaptive_avg_pool2d(cam, 1).flatten(1)
+        return logits, cam
+
+    def get_parameter_groups(self):
+        """(backbone weights, backbone biases, head weights, head biases), trainable only.
+
+        The trainer gives them lr, 2x lr, 10x lr and 20x lr as in the official code;
+        normalisation weights / biases count as backbone weights / biases.
+        """
+        groups = ([], [], [], [])
+        for module in self.modules():
+            head = module is self.fc8
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                bias = name == "bias"
+                groups[(2 if head else 0) + (1 if bias else 0)].append(p)
+        return groups
+
+
+def build_classifier(backbone: str, num_classes: int, background: bool = True) -> Classifier:
+    """Build a classifier by backbone name ("resnet38" or "small")."""
+    if backbone not in BACKBONES:
+        allowed = ", ".join(sorted(BACKBONES))
+        raise EpsError(f"backbone: unknown value {backbone!r} (allowed: {allowed})")
+    return Classifier(BACKBONES[backbone](), num_classes, background)

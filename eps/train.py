@@ -1,0 +1,309 @@
+"""Classifier training: the CAM baseline (C outputs) and EPS (C+1 outputs, saliency loss).
+
+SGD with poly decay over the four parameter groups of the official code (lr, 2x lr for
+biases, 10x / 20x lr for the new head). The sample order and every augmentation are a pure
+function of (seed, position), so a run resumed from a checkpoint ends with exactly the
+weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from eps.config import choose_device, set_threads, write_json
+from eps.data.index import labels_of, read_classes, read_index, split_rows
+from eps.data.io import atomic_path, open_h5, read_image
+from eps.errors import EpsError
+from eps.losses import classification_loss, saliency_loss
+from eps.models import build_classifier
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+LOG_FIELDS = ["iteration", "loss", "loss_cls", "loss_sal", "lr", "seconds"]
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 (3, H, W) with ImageNet statistics, as the official code."""
+    return ((image.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+
+
+class SaliencyStore:
+    """Saliency maps by image id, read from the saliency stage's HDF5 shards (opened lazily per process)."""
+
+    def __init__(self, shard_paths, dataset: str):
+        self.dataset = dataset
+        self.paths = [str(p) for p in shard_paths]
+        self.where: dict[str, int] = {}
+        for i, path in enumerate(self.paths):
+            with open_h5(path, "eps.saliency", dataset) as f:
+                for key in f.keys():
+                    self.where[key] = i
+        self._files: dict[int, object] = {}
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.where
+
+    def get(self, image_id: str) -> np.ndarray:
+        i = self.where[image_id]
+        if i not in self._files:
+            self._files[i] = open_h5(self.paths[i], "eps.saliency", self.dataset)
+        return self._files[i][image_id][()]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+
+class TrainSamples(Dataset):
+    """Sample number p of the whole run (p = iteration * batch + slot), augmented deterministically."""
+
+    def __init__(self, rows, labels, saliency: SaliencyStore | None, params: dict):
+        self.ids = list(rows["id"])
+        self.images = list(rows["image"])
+        self.labels = labels.astype(np.float32)
+        self.saliency = saliency
+        self.p = params
+
+    def __len__(self):
+        return 1 << 62
+
+    def _index(self, position: int) -> int:
+        n = len(self.ids)
+        epoch, offset = divmod(position, n)
+        order = np.random.default_rng([self.p["seed"], epoch]).permutation(n)
+        return int(order[offset])
+
+    def __getitem__(self, position: int):
+        i = self._index(position)
+        rng = np.random.default_rng([self.p["seed"], position, 1])
+        image = read_image(self.images[i])
+        sal = None
+        if self.saliency is not None:
+            sal = self.saliency.get(self.ids[i])
+            if sal.shape != image.shape[:2]:
+                sal = cv2.resize(sal, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        image, sal = augment(image, sal, rng, self.p["resize_long"], self.p["crop"])
+        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(self.labels[i])}
+        if sal is not None:
+            item["saliency"] = torch.from_numpy(sal)[None]
+        return item
+
+
+def augment(image, sal, rng, resize_long, crop):
+    """Random long-side resize, horizontal flip, normalisation and a zero-padded random crop."""
+    h, w = image.shape[:2]
+    target = int(rng.integers(resize_long[0], resize_long[1] + 1))
+    scale = target / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+    if sal is not None:
+        sal = cv2.resize(sal, size, interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        sal = sal[:, ::-1] if sal is not None else None
+    image = normalize(np.ascontiguousarray(image))
+    h, w = image.shape[1:]
+    top = int(rng.integers(0, max(h - crop, 0) + 1))
+    left = int(rng.integers(0, max(w - crop, 0) + 1))
+    ph, pw = min(crop, h), min(crop, w)
+    # Where the image is smaller than the crop, place it at a random offset in a zero canvas.
+    oy = int(rng.integers(0, crop - ph + 1))
+    ox = int(rng.integers(0, crop - pw + 1))
+    out = np.zeros((3, crop, crop), np.float32)
+    out[:, oy:oy + ph, ox:ox + pw] = image[:, top:top + ph, left:left + pw]
+    out_sal = None
+    if sal is not None:
+        out_sal = np.zeros((crop, crop), np.float32)
+        out_sal[oy:oy + ph, ox:ox + pw] = sal[top:top + ph, left:left + pw].astype(np.float32) / 255.0
+    return out, out_sal
+
+
+def make_optimizer(model, params):
+    """SGD over the four parameter groups: lr, 2x lr (biases), 10x / 20x lr (new head)."""
+    groups = model.get_parameter_groups()
+    lr, wd = params["lr"], params["weight_decay"]
+    spec = [(groups[0], 1, wd), (groups[1], 2, 0.0), (groups[2], 10, wd), (groups[3], 20, 0.0)]
+    param_groups = [
+        {"params": list(p), "lr": lr * mult, "initial_lr": lr * mult, "weight_decay": decay}
+        for p, mult, decay in spec
+        if len(p)
+    ]
+    return torch.optim.SGD(param_groups, lr=lr, momentum=params["momentum"])
+
+
+def set_poly_lr(optimizer, iteration: int, total: int, power: float) -> float:
+    factor = (1 - iteration / total) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def _save_checkpoint(path: Path, model, optimizer, iteration: int) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration}, tmp)
+
+
+def _load_backbone_weights(model, path: str) -> None:
+    """Initialise from a local state_dict file; the new head (fc8) may be absent."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EpsError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict):
+        raise EpsError(f"{path}: not a state_dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc8.")]
+    if missing or result.unexpected_keys:
+        raise EpsError(f"{path}: missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+
+
+def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: str = "train") -> Path:
+    """Train a classifier on the `split` rows of `index_csv`; write `out` (weights + meta) and train_log.csv beside it."""
+    set_threads()
+    out = Path(out)
+    work = out.parent / "checkpoints"
+    work.mkdir(parents=True, exist_ok=True)
+    index = read_index(index_csv)
+    info = read_classes(index_csv)
+    classes = info["classes"]
+    rows = split_rows(index, split)
+    labels = labels_of(rows, len(classes))
+    if params["loss"] not in ("eps", "cam"):
+        raise EpsError(f"loss: unknown value {params['loss']!r} (eps, cam)")
+    eps_loss = params["loss"] == "eps"
+    saliency = None
+    if eps_loss:
+        if not saliency_shards:
+            raise EpsError(f"{index_csv}: the eps loss needs saliency shards (--saliency)")
+        saliency = SaliencyStore(saliency_shards, info["dataset"])
+        missing = [i for i in rows["id"] if i not in saliency]
+        if missing:
+            raise EpsError(f"{saliency_shards[0]}: no saliency map for {len(missing)} image(s), e.g. {missing[0]!r}")
+    bg_idx = []
+    for name in params["background_classes"]:
+        if name not in classes:
+            raise EpsError(f"background_classes: unknown class {name!r}; known: {classes}")
+        bg_idx.append(classes.index(name))
+
+    torch.manual_seed(params["seed"])
+    device = choose_device(params["device"])
+    model = build_classifier(params["backbone"], len(classes), background=eps_loss)
+    if params["weights"]:
+        _load_backbone_weights(model, params["weights"])
+    model.to(device)
+    optimizer = make_optimizer(model, params)
+
+    total = int(params["iterations"])
+    start = 0
+    ckpt = work / "last.pt"
+    log_path = work / "train_log.csv"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+        _truncate_log(log_path, start)
+        print(f"resuming from {ckpt} at iteration {start}", flush=True)
+    elif log_path.exists():
+        log_path.unlink()
+
+    batch = int(params["batch_size"])
+    samples = TrainSamples(rows, labels, saliency, params)
+    loader = DataLoader(
+        samples,
+        batch_size=batch,
+        sampler=range(start * batch, total * batch),
+        num_workers=int(params["num_workers"]),
+        drop_last=True,
+    )
+    model.train()
+    new_log = not log_path.exists()
+    t0 = time.time()
+    with open(log_path, "a", newline="") as log_file:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+        bar = tqdm(loader, total=total - start, initial=0, desc=f"train {out.parent.name}", mininterval=2)
+        for step, item in enumerate(bar, start=start):
+            lr = set_poly_lr(optimizer, step, total, params["poly_power"])
+            image = item["image"].to(device)
+            label = item["label"].to(device)
+            logits, cam = model(image)
+            loss_cls = classification_loss(logits, label)
+            loss_sal = torch.zeros((), device=device)
+            if eps_loss:
+                loss_sal = saliency_loss(
+                    cam, item["saliency"].to(device), label, params["tau"], params["lam"],
+                    selection=params["selection"], background_classes=bg_idx,
+                )[0]
+            loss = loss_cls + loss_sal
+            if not math.isfinite(loss.item()):
+                raise EpsError(
+                    f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; "
+                    f"the last good checkpoint is kept in {ckpt}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            writer.writerow({
+                "iteration": done, "loss": f"{loss.item():.6f}", "loss_cls": f"{loss_cls.item():.6f}",
+                "loss_sal": f"{loss_sal.item():.6f}", "lr": f"{lr:.6g}", "seconds": f"{time.time() - t0:.2f}",
+            })
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            if done % int(params["checkpoint_every"]) == 0 or done == total:
+                log_file.flush()
+                _save_checkpoint(ckpt, model, optimizer, done)
+    meta = {
+        "backbone": params["backbone"], "num_classes": len(classes), "background": eps_loss,
+        "classes": classes, "dataset": info["dataset"], "params": params,
+        "init": params["weights"] or "scratch",
+    }
+    with atomic_path(out.parent / "train_log.csv") as tmp:
+        tmp.write_bytes(log_path.read_bytes())
+    write_json(out.with_suffix(".json"), meta)
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    return out
+
+
+def _truncate_log(log_path: Path, iteration: int) -> None:
+    """Drop log rows after the checkpoint a run resumes from."""
+    if not log_path.exists():
+        return
+    with open(log_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
+    with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_classifier(path, device="cpu"):
+    """Rebuild a trained classifier from `classifier.pt` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpsError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EpsError(f"{path}: cannot load classifier ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "meta" not in state:
+        raise EpsError(f"{path}: not an eps classifier file (expected keys state_dict and meta)")
+    meta = state["meta"]
+    model = build_classifier(meta["backbone"], meta["num_classes"], background=meta["background"])
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), meta

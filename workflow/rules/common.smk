@@ -1,0 +1,107 @@
+# Validation, shard helpers and parameter hashing shared by every rule.
+import hashlib
+import json
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+DATASET = config["dataset"]
+DS = DATASET["name"]
+RESULTS = f"results/{DS}"
+SPLITS = list(DATASET.get("splits", {"train": "train.txt", "val": "val.txt"}))
+EVAL_SPLITS = config["evaluation"]["splits"]
+VARIANTS = list(config["variants"])
+SAL_METHOD = config["saliency"]["method"]
+
+
+scattergather:
+    shard=config["shards"],
+
+
+def code_hash(*paths):
+    """Hash of the eps sources a stage runs, so editing them reruns the stage."""
+    digest = hashlib.sha256()
+    root = Path(workflow.basedir)
+    for rel in paths:
+        target = root / rel
+        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+COMMON_CODE = ["eps/cli.py", "eps/config.py", "eps/errors.py", "eps/data/io.py", "eps/data/index.py"]
+
+
+def as_json(block):
+    return json.dumps(block, sort_keys=True)
+
+
+def with_device(block):
+    """A stage block with the global device filled in where the stage does not set one."""
+    block = dict(block)
+    block.setdefault("device", config["device"])
+    return block
+
+
+def variant_params(variant):
+    """The classifier block with the variant's overrides on top."""
+    params = dict(config["classifier"])
+    params.update(config["variants"][variant])
+    return with_device(params)
+
+
+def dataset_block():
+    """The dataset config block as the index stage receives it."""
+    block = dict(DATASET)
+    if block["type"] == "synthetic":
+        block.setdefault("splits", {"train": "train.txt", "val": "val.txt"})
+    return block
+
+
+def dataset_root():
+    return DATASET["root"]
+
+
+def gt_dir():
+    """Ground-truth index masks of the dataset."""
+    if DATASET["type"] == "synthetic":
+        return f"{dataset_root()}/SegmentationClass"
+    return str(Path(dataset_root()) / DATASET.get("mask_dir", "SegmentationClassAug"))
+
+
+def context_dir():
+    """Context masks (co-occurrence confusion), or None."""
+    if DATASET["type"] == "synthetic":
+        return f"{dataset_root()}/ContextClass"
+    ctx = DATASET.get("context_dir")
+    if not ctx:
+        return None
+    return str(Path(dataset_root()) / ctx)
+
+
+def saliency_shards():
+    return scatter.shard(f"{RESULTS}/saliency/{SAL_METHOD}/shard-{{scatteritem}}.h5")
+
+
+def context_args():
+    """evaluate-masks options for the co-occurrence confusion, when the dataset has context masks."""
+    ctx = context_dir()
+    if not ctx:
+        return ""
+    pairs = as_json(config["evaluation"]["confusion_pairs"])
+    return f"--context {ctx} --pairs '{pairs}'"
+
+
+def index_inputs(wildcards):
+    """The synthetic world must be generated before it is indexed."""
+    return [f"{RESULTS}/data/meta.json"] if DATASET["type"] == "synthetic" else []
+
+
+def train_saliency(wildcards):
+    """Saliency shards feed only the eps loss."""
+    return saliency_shards() if variant_params(wildcards.variant)["loss"] == "eps" else []
