@@ -18,10 +18,12 @@ def _params(p):
 
 
 def cmd_synth(a):
-    from eps.config import load_params
-    from eps.data.synthetic import SYNTH_DEFAULTS, generate
+    from dataclasses import asdict
 
-    generate(a.out, **load_params(a.params, SYNTH_DEFAULTS, "synth"))
+    from eps.config import load_params
+    from eps.data.synthetic import SynthConfig, generate
+
+    generate(a.out, overwrite=True, **load_params(a.params, asdict(SynthConfig()), "synth"))
 
 
 def cmd_index(a):

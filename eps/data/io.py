@@ -12,7 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from eps.errors import fail
 
@@ -81,14 +81,31 @@ def write_rgb(path, image: np.ndarray, quality: int = 95) -> None:
 
 
 def _open(path) -> Image.Image:
+    """Open and fully decode an image, so a truncated or corrupt file fails here, not later.
+
+    PIL decodes lazily and a library may have set `ImageFile.LOAD_TRUNCATED_IMAGES`, which
+    would silently pad a truncated file; the flag is forced off while decoding, and PNG chunk
+    checksums are verified first.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise fail(path, "file not found")
+    if not path.is_file():
+        raise fail(path, "not a file")
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    if saved:  # touch the global only when someone switched it on
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
+        with Image.open(path) as probe:
+            if probe.format == "PNG":
+                probe.verify()
         img = Image.open(path)
         img.load()
     except Exception as exc:  # PIL raises many types for corrupt files
         raise fail(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    finally:
+        if saved:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return img
 
 

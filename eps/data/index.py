@@ -1,0 +1,289 @@
+"""The image index (`index.csv`, `classes.json`, `ids/{split}.txt`): building, reading, sharding.
+
+Every later stage reads the dataset only through the index, so the dataset readers
+(VOC, COCO, folder, synthetic) are consulted once, here, and the rest of the pipeline
+never knows which layout the images came from.
+
+Dataset config blocks (`build_index`), paths relative to `root` unless absolute
+(`root` itself relative to the working directory):
+
+- common keys: `type` (voc | coco | folder | synthetic), `name` (dataset name written
+  to classes.json; default: the folder holding index.csv), `root`.
+- `voc`: `splits` ({split: list file, relative to root/ImageSets/Segmentation/ or absolute}),
+  `mask_dir` (default: SegmentationClassAug or SegmentationClass, first that exists),
+  `saliency_dir`, `context_dir`, `labels_file` (cls_labels.npy), `image_dir` (JPEGImages),
+  `image_ext` (.jpg, falling back to .png), `classes` (default: the 20 VOC classes),
+  `num_classes`, `contexts` (names of the context classes).
+- `coco`: `splits` ({split: {images, annotations, masks, list}}, see `eps.data.coco`),
+  `saliency_dir`, `drop_unlabeled` (default true), `classes`.
+- `folder`: `labels_csv`, `image_dir` (default images), `mask_dir`, `saliency_dir`,
+  `classes` (default: every name in the CSV, sorted), `split` (default train).
+- `synthetic`: the VOC layout written by `eps synth`: `root` holds JPEGImages,
+  SegmentationClass, SALImages, ContextClass, cls_labels.npy and meta.json ("classes",
+  "contexts"); `splits` defaults to every list in ImageSets/Segmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from eps.data.io import atomic_path
+from eps.errors import EpsError, fail
+
+COLUMNS = ["id", "image", "mask", "saliency", "context", "labels", "splits"]
+
+_COMMON_KEYS = {"type", "name", "root"}
+CONFIG_KEYS = {
+    "voc": _COMMON_KEYS | {"splits", "mask_dir", "saliency_dir", "context_dir", "labels_file",
+                           "image_dir", "image_ext", "classes", "num_classes", "contexts"},
+    "coco": _COMMON_KEYS | {"splits", "saliency_dir", "drop_unlabeled", "classes"},
+    "folder": _COMMON_KEYS | {"labels_csv", "image_dir", "mask_dir", "saliency_dir", "classes",
+                              "split"},
+    "synthetic": _COMMON_KEYS | {"splits"},
+}
+
+
+# ---------------------------------------------------------------------------- rows
+
+def id_problem(id_: str) -> str | None:
+    """Why `id_` cannot be an image id (ids become file and HDF5 names), or None if it can."""
+    if not id_:
+        return "empty id"
+    if "/" in id_ or "\\" in id_ or os.sep in id_:
+        return f"id {id_!r} contains a path separator"
+    if ".." in id_:
+        return f"id {id_!r} contains '..'"
+    if id_ != id_.strip() or any(ord(c) < 32 for c in id_):
+        return f"id {id_!r} contains whitespace or control characters at its ends"
+    return None
+
+
+def make_row(id_, image, mask="", saliency="", context="", labels=(), splits=()) -> dict:
+    """One index row; paths are made absolute, labels sorted unique 0-based ints."""
+    def absolute(p):
+        return os.path.abspath(p) if p else ""
+
+    return {
+        "id": id_, "image": absolute(image), "mask": absolute(mask),
+        "saliency": absolute(saliency), "context": absolute(context),
+        "labels": sorted({int(c) for c in labels}), "splits": list(splits),
+    }
+
+
+def resolve(root: Path, path) -> Path | None:
+    """`path` relative to `root` unless absolute; None stays None."""
+    if path is None or path == "":
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return value.split()
+    return list(value)
+
+
+# ---------------------------------------------------------------------------- writing
+
+def write_index(rows: Sequence[dict], classes: Sequence[str], out_csv, *, dataset: str,
+                contexts: Sequence[str] = ()) -> None:
+    """Write index.csv, classes.json and ids/{split}.txt beside it.
+
+    index.csv is written last, so its presence means the whole index is complete.
+    """
+    out_csv = Path(out_csv)
+    classes = [str(c) for c in classes]
+    if not rows:
+        raise fail(out_csv, "no images to index")
+    seen: set[str] = set()
+    split_ids: dict[str, list[str]] = {}
+    records = []
+    for row in rows:
+        id_ = str(row["id"])
+        problem = id_problem(id_)
+        if problem:
+            raise fail(out_csv, problem)
+        if id_ in seen:
+            raise fail(out_csv, f"duplicate id {id_!r}")
+        seen.add(id_)
+        labels = sorted({int(c) for c in _as_list(row.get("labels", ()))})
+        bad = [c for c in labels if not 0 <= c < len(classes)]
+        if bad:
+            raise fail(out_csv, f"id {id_!r}: label {bad[0]} outside 0..{len(classes) - 1}")
+        splits = _as_list(row.get("splits", ()))
+        for s in splits:
+            split_ids.setdefault(s, []).append(id_)
+        records.append({
+            "id": id_, "image": str(row["image"]), "mask": str(row.get("mask") or ""),
+            "saliency": str(row.get("saliency") or ""), "context": str(row.get("context") or ""),
+            "labels": " ".join(map(str, labels)), "splits": " ".join(splits),
+        })
+    for s in split_ids:
+        if id_problem(s) or not s.strip() or s != s.split()[0]:
+            raise fail(out_csv, f"bad split name {s!r}")
+
+    out_csv.unlink(missing_ok=True)  # a failure below must not leave an old index looking current
+    ids_dir = out_csv.parent / "ids"
+    ids_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ids_dir.glob("*.txt"):
+        if stale.stem not in split_ids:
+            stale.unlink()
+    for split, ids in split_ids.items():
+        with atomic_path(ids_dir / f"{split}.txt") as tmp:
+            tmp.write_text("".join(i + "\n" for i in ids))
+    meta = {"classes": classes, "contexts": [str(c) for c in contexts], "dataset": dataset}
+    with atomic_path(out_csv.parent / "classes.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    with atomic_path(out_csv) as tmp:
+        pd.DataFrame(records, columns=COLUMNS).to_csv(tmp, index=False)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_index(path) -> pd.DataFrame:
+    """Read index.csv; `labels` becomes list[int] and `splits` list[str] per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "index not found (run the index stage first)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise fail(path, f"cannot read index CSV ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise fail(path, f"missing columns {missing}")
+    try:
+        df["labels"] = [[int(c) for c in s.split()] for s in df["labels"]]
+    except ValueError:
+        raise fail(path, "column 'labels' holds a non-integer value") from None
+    df["splits"] = [s.split() for s in df["splits"]]
+    return df
+
+
+def read_classes(index_csv) -> dict:
+    """classes.json beside `index_csv`: {"classes": [...], "contexts": [...], "dataset": name}."""
+    path = Path(index_csv).parent / "classes.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise fail(path, "file not found (run the index stage first)") from None
+    except (OSError, ValueError) as exc:
+        raise fail(path, f"cannot read JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        raise fail(path, "expected an object with a 'classes' list")
+    meta.setdefault("contexts", [])
+    meta.setdefault("dataset", "")
+    return meta
+
+
+def labels_of(df: pd.DataFrame, num_classes: int) -> np.ndarray:
+    """(N, C) float32 multi-hot image-level labels of the rows of `df`."""
+    out = np.zeros((len(df), num_classes), np.float32)
+    for i, labels in enumerate(df["labels"]):
+        for c in _as_list(labels):
+            c = int(c)
+            if not 0 <= c < num_classes:
+                raise EpsError(f"index: label {c} outside 0..{num_classes - 1} "
+                               f"(id {df['id'].iloc[i]!r})")
+            out[i, c] = 1.0
+    return out
+
+
+def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows that belong to `split`, in index order (re-numbered from 0)."""
+    member = [split in _as_list(s) for s in df["splits"]]
+    if not any(member):
+        available = sorted({s for ss in df["splits"] for s in _as_list(ss)})
+        raise EpsError(f"index: unknown split {split!r} (available: {', '.join(available)})")
+    return df[member].reset_index(drop=True)
+
+
+def shard_rows(rows, index: int, count: int):
+    """The `index`-th (1-based) of `count` contiguous near-equal chunks, numpy.array_split order.
+
+    Works on a DataFrame (returns one, re-numbered) or any sequence (returns a list).
+    """
+    if not (isinstance(count, int) and isinstance(index, int) and 1 <= index <= count):
+        raise EpsError(f"shard: need 1 <= index <= count, got {index}-of-{count}")
+    chunk = np.array_split(np.arange(len(rows)), count)[index - 1]
+    if isinstance(rows, pd.DataFrame):
+        return rows.iloc[chunk].reset_index(drop=True)
+    return [rows[i] for i in chunk]
+
+
+def parse_scatteritem(item: str) -> tuple[int, int]:
+    """"2-of-4" (Snakemake's scatteritem, optionally prefixed "shard-") -> (2, 4)."""
+    m = re.fullmatch(r"(?:shard-)?(\d+)-of-(\d+)", str(item).strip())
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise EpsError(f"shard: {item!r} is not of the form 'i-of-n' with 1 <= i <= n")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ---------------------------------------------------------------------------- building
+
+def check_keys(block: dict, allowed: Iterable[str], where: str) -> None:
+    """Unknown keys are typos more often than not: refuse them."""
+    allowed = set(allowed)
+    for key in block:
+        if key not in allowed:
+            raise EpsError(f"{where}.{key}: unknown key (accepted: {', '.join(sorted(allowed))})")
+
+
+def build_index(dataset_config: dict, out_csv, *, where: str = "dataset") -> pd.DataFrame:
+    """Read the dataset described by `dataset_config` and write its index beside `out_csv`."""
+    from eps.data import coco, folder, voc  # dataset readers import this module
+
+    cfg = dict(dataset_config)
+    kind = cfg.get("type")
+    if kind not in CONFIG_KEYS:
+        raise EpsError(f"{where}.type: expected one of {', '.join(CONFIG_KEYS)}, got {kind!r}")
+    check_keys(cfg, CONFIG_KEYS[kind], where)
+    if not cfg.get("root"):
+        raise EpsError(f"{where}.root: required")
+    root = Path(cfg.pop("root")).expanduser()
+    if not root.is_dir():
+        raise fail(root, f"dataset root not found ({where}.root)")
+    cfg.pop("type")
+    name = cfg.pop("name", None) or Path(out_csv).resolve().parent.name
+    contexts: list[str] = []
+
+    if kind == "voc":
+        contexts = list(cfg.pop("contexts", None) or [])
+        if "splits" not in cfg:
+            raise EpsError(f"{where}.splits: required for type voc")
+        rows, classes = voc.read_voc(root, **cfg)
+    elif kind == "synthetic":
+        meta_path = root / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            classes, contexts = list(meta["classes"]), list(meta.get("contexts", []))
+        except FileNotFoundError:
+            raise fail(meta_path, "file not found (is this a synthetic world?)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise fail(meta_path, f"expected JSON with 'classes' and 'contexts' ({exc})") from None
+        splits = cfg.get("splits") or {
+            p.stem: p.name for p in sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))}
+        if not splits:
+            raise fail(root / "ImageSets" / "Segmentation", "no split lists (*.txt)")
+        rows, classes = voc.read_voc(
+            root, splits, mask_dir="SegmentationClass", saliency_dir="SALImages",
+            context_dir="ContextClass", labels_file="cls_labels.npy", classes=classes)
+    elif kind == "coco":
+        if "splits" not in cfg:
+            raise EpsError(f"{where}.splits: required for type coco")
+        rows, classes = coco.read_coco(root, **cfg)
+    else:
+        if "labels_csv" not in cfg:
+            raise EpsError(f"{where}.labels_csv: required for type folder")
+        rows, classes = folder.read_folder(root, **cfg)
+
+    write_index(rows, classes, out_csv, dataset=name, contexts=contexts)
+    return read_index(out_csv)

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real data beside the checkout (`../shared`) and tiny hand-made datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the checkout (real public data); skips when absent, as in a fresh clone."""
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found: {SHARED} (real-data tests need it beside the checkout)")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_voc(tmp_path) -> Path:
+    """A 4-image VOC layout with masks, saliency, a label file and two split lists."""
+    from eps.data.io import write_gray_png, write_index_png, write_rgb
+
+    root = tmp_path / "voc"
+    rng = np.random.default_rng(0)
+    labels = {}
+    for i, present in enumerate([[1], [2, 15], [20], []]):
+        id_ = f"2007_{i:06d}"
+        write_rgb(root / "JPEGImages" / f"{id_}.jpg", rng.integers(0, 255, (12, 16, 3)))
+        mask = np.zeros((12, 16), np.uint8)
+        for k, c in enumerate(present):
+            mask[k * 3:k * 3 + 3, :8] = c
+        mask[-1, :] = 255
+        write_index_png(root / "SegmentationClass" / f"{id_}.png", mask)
+        write_gray_png(root / "SALImages" / f"{id_}.png", (mask > 0) * 255)
+        vec = np.zeros(20, np.float32)
+        vec[[c - 1 for c in present]] = 1
+        labels[id_] = vec
+    np.save(root / "cls_labels.npy", labels, allow_pickle=True)
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("2007_000000\n2007_000001\n2007_000002\n")
+    (lists / "val.txt").write_text("2007_000002\n2007_000003\n")
+    return root
