@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
+# Rules call the `eps` command: put the virtual environment's bin first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-slow lint dry-run bench clean
 

@@ -55,14 +55,19 @@ def load_params(value: str | None, defaults: dict, what: str) -> dict:
     given: dict = {}
     if value:
         if os.path.isfile(value):
-            with open(value) as f:
-                given = yaml.safe_load(f) or {}
+            try:
+                with open(value) as f:
+                    given = yaml.safe_load(f) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                problem = " ".join(str(exc).split())
+                raise EpsError(f"{value}: cannot read {what} parameters ({problem})") from None
             source = value
         else:
             try:
                 given = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise EpsError(f"--params: not valid JSON and not a file ({exc})") from None
+                shown = value if len(value) <= 80 else value[:77] + "..."
+                raise EpsError(f"--params {shown!r}: not valid JSON and not a file ({exc})") from None
             source = "--params"
         if not isinstance(given, dict):
             raise EpsError(f"{source}: {what} parameters must be a mapping")

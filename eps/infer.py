@@ -1,6 +1,7 @@
 """Multi-scale + flip CAM inference and the pseudo-mask rule of the official code.
 
-CAM baseline: raw class maps of the labelled classes, summed over scales and flips.
+CAM baseline: class maps of the labelled classes, rectified (ReLU, as the official
+`resnet38_cls.forward_cam`) and summed over scales and flips.
 EPS: softmax over the C+1 channels first, then the same sum. Both are max-normalised per
 class; a pixel takes the class with the highest normalised map, or background where no map
 exceeds the fixed background threshold (0.20 in the official code).
@@ -41,8 +42,9 @@ def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background:
         with torch.autocast(device_type=x.device.type, enabled=amp):
             cam = model.forward_cam(x)
         cam = cam.float()
-        if background:
-            cam = F.softmax(cam, dim=1)
+        # official: softmax for EPS; ReLU in the CAM baseline's forward_cam (a negative sum
+        # would otherwise flip sign under max-normalisation)
+        cam = F.softmax(cam, dim=1) if background else F.relu(cam)
         cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
         if flip:
             cam = cam[:n] + cam[n:].flip(-1)
@@ -51,9 +53,9 @@ def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background:
 
 
 def normalised_maps(summed: np.ndarray, present: np.ndarray, background: bool):
-    """Max-normalise the maps of the present classes; the background map is averaged, not normalised."""
+    """Max-normalise the maps of the present classes (none for an unlabelled image) and the background map."""
     fg = summed[present]
-    fg = fg / (fg.reshape(len(present), -1).max(axis=1)[:, None, None] + 1e-5)
+    fg = fg / (fg.max(axis=(1, 2), keepdims=True) + 1e-5)
     if background:
         bg = summed[-1:] / max(summed[-1].max(), 1e-5)
         fg = np.concatenate([fg, bg], 0)
@@ -127,10 +129,16 @@ def export_pngs(mask_shards, out_dir, dataset: str) -> Path:
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for shard in mask_shards:
-        with open_h5(shard, "eps.masks", dataset) as f:
-            for image_id in f.keys():
-                write_index_png(tmp / f"{image_id}.png", f[image_id][()])
+    try:
+        for shard in mask_shards:
+            with open_h5(shard, "eps.masks", dataset) as f:
+                for image_id in f.keys():
+                    write_index_png(tmp / f"{image_id}.png", f[image_id][()])
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         import shutil
 

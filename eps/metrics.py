@@ -40,9 +40,13 @@ def confusion(gt, pred, num_classes: int) -> np.ndarray:
     pred = np.asarray(pred).ravel()
     if gt.shape != pred.shape:
         raise ValueError(f"gt and pred differ in size: {gt.size} vs {pred.size}")
-    valid = (gt < n) & (pred < n)
-    codes = n * gt[valid].astype(np.int64) + pred[valid]
-    return np.bincount(codes, minlength=n * n).reshape(n, n)
+    # void pixels go to one extra bin that is dropped: cheaper than compressing the arrays
+    void = (gt >= n) | (pred >= n)
+    if gt.dtype.kind == "i" or pred.dtype.kind == "i":
+        void |= (gt < 0) | (pred < 0)
+    codes = gt.astype(np.intp) * n + pred
+    codes[void] = n * n
+    return np.bincount(codes, minlength=n * n + 1)[: n * n].reshape(n, n).astype(np.int64, copy=False)
 
 
 def _divide(num, den) -> np.ndarray:
@@ -207,13 +211,15 @@ def evaluate_masks(
     fp = np.zeros(len(resolved), np.int64)
     jobs = [(pred_dir, gt_dir, chunk, n, context_dir, resolved) for chunk in _chunks(ids, workers * 4)]
     if workers == 1 or len(jobs) <= 1:
-        results = map(_accumulate, jobs)
-        for h, f in results:
+        for h, f in map(_accumulate, jobs):
             hist += h
             fp += f
     else:
-        # spawn: the parent may hold torch/OpenMP threads, which fork does not survive safely
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        # fork where available: no re-import of the caller's __main__ (an unguarded script
+        # would recurse under spawn) and instant start; workers only run numpy and PIL
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ctx.Pool(min(workers, len(jobs))) as pool:
             for h, f in pool.imap_unordered(_accumulate, jobs):
                 hist += h
                 fp += f

@@ -9,6 +9,8 @@ weights of an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -148,9 +150,23 @@ def set_poly_lr(optimizer, iteration: int, total: int, power: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def _save_checkpoint(path: Path, model, optimizer, iteration: int) -> None:
+# Parameters that do not change the trained weights: a checkpoint stays valid across them.
+_RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every"}
+
+
+def _run_key(params: dict, ids, classes, dataset: str) -> str:
+    """What a checkpoint must match to be resumed: the run's parameters and training images."""
+    data = {
+        "params": {k: v for k, v in params.items() if k not in _RUN_NEUTRAL},
+        "ids": list(ids), "classes": list(classes), "dataset": dataset,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = "") -> None:
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration}, tmp)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "iteration": iteration, "run": run}, tmp)
 
 
 def _load_backbone_weights(model, path: str) -> None:
@@ -175,7 +191,6 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     set_threads()
     out = Path(out)
     work = out.parent / "checkpoints"
-    work.mkdir(parents=True, exist_ok=True)
     index = read_index(index_csv)
     info = read_classes(index_csv)
     classes = info["classes"]
@@ -200,6 +215,8 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
 
     torch.manual_seed(params["seed"])
     device = choose_device(params["device"])
+    run = _run_key(params, rows["id"], classes, info["dataset"])
+    work.mkdir(parents=True, exist_ok=True)
     model = build_classifier(params["backbone"], len(classes), background=eps_loss)
     if params["weights"]:
         _load_backbone_weights(model, params["weights"])
@@ -210,8 +227,12 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     start = 0
     ckpt = work / "last.pt"
     log_path = work / "train_log.csv"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
+    if state is not None and state.get("run") != run:
+        # left by a run with other parameters or images: resuming it would give wrong weights
+        print(f"ignoring {ckpt}: written by a run with other parameters or training images", flush=True)
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
@@ -266,7 +287,7 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
             if done % int(params["checkpoint_every"]) == 0 or done == total:
                 log_file.flush()
-                _save_checkpoint(ckpt, model, optimizer, done)
+                _save_checkpoint(ckpt, model, optimizer, done, run)
     meta = {
         "backbone": params["backbone"], "num_classes": len(classes), "background": eps_loss,
         "classes": classes, "dataset": info["dataset"], "params": params,
@@ -277,15 +298,25 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     write_json(out.with_suffix(".json"), meta)
     with atomic_path(out) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    # Done: a rerun (new code, new parameters) must train again, not resume a finished run.
+    ckpt.unlink(missing_ok=True)
     return out
 
 
 def _truncate_log(log_path: Path, iteration: int) -> None:
-    """Drop log rows after the checkpoint a run resumes from."""
+    """Keep the log rows 1..`iteration` of the checkpoint a run resumes from.
+
+    The file may end in a partly written line (a killed process flushes mid-line), so rows
+    are kept while they are numbered 1, 2, ... and complete, not by comparing numbers.
+    """
     if not log_path.exists():
         return
+    rows = []
     with open(log_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
+        for r in csv.DictReader(f):
+            if len(rows) == iteration or r.get("iteration") != str(len(rows) + 1) or None in r.values():
+                break
+            rows.append(r)
     with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         writer.writeheader()

@@ -79,6 +79,8 @@ def test_void_in_gt_or_pred_is_ignored():
     # (0,0)x2, (1,1)x1, (1,0)x1; the void gt pixel and the void pred pixel are dropped
     assert hist.tolist() == [[2, 0], [1, 1]]
     assert hist.dtype == np.int64
+    # the official script reads masks as int32: same counts
+    assert np.array_equal(confusion(gt.astype(np.int32), pred.astype(np.int32), 2), hist)
 
 
 def test_absent_class_is_nan_and_left_out_of_miou():
