@@ -26,7 +26,7 @@ from eps.data.index import labels_of, read_classes, read_index, split_rows
 from eps.data.io import atomic_path, open_h5, read_image
 from eps.errors import EpsError
 from eps.losses import classification_loss, saliency_loss
-from eps.models import build_classifier
+from eps.models import build_classifier, load_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -169,23 +169,6 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = ""
                     "iteration": iteration, "run": run}, tmp)
 
 
-def _load_backbone_weights(model, path: str) -> None:
-    """Initialise from a local state_dict file; the new head (fc8) may be absent."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EpsError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict):
-        state = state.get("state_dict", state.get("model", state))
-    if not isinstance(state, dict):
-        raise EpsError(f"{path}: not a state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc8.")]
-    if missing or result.unexpected_keys:
-        raise EpsError(f"{path}: missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
-
-
 def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: str = "train") -> Path:
     """Train a classifier on the `split` rows of `index_csv`; write `out` (weights + meta) and train_log.csv beside it."""
     set_threads()
@@ -219,7 +202,7 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     work.mkdir(parents=True, exist_ok=True)
     model = build_classifier(params["backbone"], len(classes), background=eps_loss)
     if params["weights"]:
-        _load_backbone_weights(model, params["weights"])
+        load_weights(model, params["weights"], backbone_only=True)
     model.to(device)
     optimizer = make_optimizer(model, params)
 

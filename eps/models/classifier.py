@@ -15,7 +15,11 @@ from eps.errors import EpsError
 from eps.models.resnet38 import ResNet38
 from eps.models.small import SmallNet
 
-BACKBONES = {"resnet38": ResNet38, "small": SmallNet}
+BACKBONES = {
+    "resnet38": ResNet38,
+    "small": SmallNet,
+    "small_os4": lambda: SmallNet(output_stride=4),
+}
 
 
 class Classifier(nn.Module):
