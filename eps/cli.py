@@ -33,6 +33,8 @@ def cmd_index(a):
         dataset = json.loads(a.dataset)
     except json.JSONDecodeError as exc:
         raise EpsError(f"--dataset: not valid JSON ({exc})") from None
+    if not isinstance(dataset, dict):
+        raise EpsError("--dataset: expected a JSON object (the dataset config block)")
     build_index(dataset, a.out)
 
 
@@ -85,7 +87,13 @@ def cmd_evaluate_masks(a):
         info = read_classes(a.classes)
         class_names = ["background"] + list(info["classes"])
         context_names = list(info.get("contexts", []))
-        for ctx, cls in json.loads(a.pairs or "[]"):
+        try:
+            given_pairs = json.loads(a.pairs or "[]")
+        except json.JSONDecodeError as exc:
+            raise EpsError(f"--pairs: not valid JSON ({exc})") from None
+        if not isinstance(given_pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in given_pairs):
+            raise EpsError("--pairs: expected a JSON list of [context, class] pairs")
+        for ctx, cls in given_pairs:
             if ctx not in context_names:
                 raise EpsError(f"confusion_pairs: unknown context {ctx!r}; known: {context_names}")
             if cls not in info["classes"]:
@@ -109,6 +117,18 @@ def cmd_summary(a):
             raise EpsError(f"--entry {item!r}: expected VARIANT:STAGE:METRICS_JSON")
         entries.append(tuple(parts))
     collect_summary(entries, a.out)
+
+
+def cmd_convert_weights(a):
+    from eps.models.convert import convert_weights
+
+    weights = convert_weights(a.src, a.dst, allow_missing=a.allow_missing)
+    print(f"{a.src}: {weights.description}")
+    for line in weights.notes:
+        print(f"  {line}")
+    if weights.missing:
+        print(f"  missing (allowed): {len(weights.missing)} tensors")
+    print(f"wrote {a.dst}: {len(weights.state)} tensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entry", action="append", required=True, help="VARIANT:STAGE:METRICS_JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("convert-weights", help="convert released weights (MXNet .params, EPS/PSA, "
+                       "torchvision, DeepLab) to a checked PyTorch state_dict (docs/weights.md)")
+    p.add_argument("src", help="weights file; the format is detected from its content")
+    p.add_argument("dst", help="output state_dict (.pth), written atomically")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="accept a file lacking some of the architecture's tensors (a partial file)")
+    p.set_defaults(func=cmd_convert_weights)
     return parser
 
 
@@ -187,7 +215,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except EpsError as exc:
-        print(f"eps: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # one line, whatever the message holds
+        print(f"eps: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("eps: interrupted", file=sys.stderr)
