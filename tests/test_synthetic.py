@@ -60,7 +60,9 @@ def test_layout_and_formats(world):
     C = len(meta["classes"])
     assert meta["format"] == "eps.synthetic" and meta["version"] == 1
     assert meta["classes"] == list(CLASSES) and meta["contexts"] == list(CONTEXTS)
-    assert meta["pairs"] == [[k, c] for k, c in zip(CONTEXTS, CLASSES)]
+    # the missed class (the last one by default) comes without its context region
+    assert meta["missed_class"] == CLASSES[-1]
+    assert meta["pairs"] == [[k, c] for k, c in zip(CONTEXTS[:-1], CLASSES[:-1])]
     assert meta["missed_class"] == "plane"
     assert meta["params"]["seed"] == 3 and meta["params"]["size"] == 64
     assert json.loads((root / "meta.json").read_text()) == meta
@@ -107,9 +109,12 @@ def test_cooccurrence_rate_is_realised(world):
         with_both += has & has_ctx
         without_cls += ~has
         ctx_alone += ~has & has_ctx
-    pooled = with_both.sum() / with_cls.sum()
+    paired = [CLASSES.index(c) for _, c in meta["pairs"]]
+    missed = CLASSES.index(meta["missed_class"])
+    pooled = with_both[paired].sum() / with_cls[paired].sum()
     assert abs(pooled - 0.9) < 0.07, pooled
-    assert np.all(with_both / with_cls > 0.7), with_both / with_cls
+    assert np.all(with_both[paired] / with_cls[paired] > 0.7), with_both / with_cls
+    assert with_both[missed] == 0  # the missed class never brings its context
     assert ctx_alone.sum() / without_cls.sum() < 0.12
     stats = meta["stats"]["train"]["cooccurrence"]
     assert [stats[n] for n in CLASSES] == pytest.approx(list(with_both / with_cls), abs=1e-4)

@@ -40,7 +40,7 @@ CONTEXTS = ("rail", "water", "branch", "grass", "sky")
 _BODY_RGB = {
     "train": (105, 112, 138),  # steel blue-grey
     "boat": (205, 178, 140),  # tan
-    "bird": (100, 104, 80),  # olive grey
+    "bird": (62, 58, 96),  # dark slate
     "cow": (150, 118, 92),  # brown, with dark spots
     "plane": (188, 192, 198),  # light grey
 }
@@ -73,6 +73,8 @@ class SynthConfig:
     min_visible: int = 16
     clutter: tuple = (3, 8)
     missed_class: object = -1
+    missed_has_context: bool = False
+    sal_miss_rate: float = 0.7
     sal_blur: float = 0.02
     sal_level: tuple = (0.75, 1.0)
     sal_missed_level: tuple = (0.0, 0.12)
@@ -109,7 +111,7 @@ def _check_config(cfg: SynthConfig) -> SynthConfig:
         raise bad("max_classes_per_image", f"must be >= 1, got {cfg.max_classes_per_image}")
     if not 1 <= cfg.jpeg_quality <= 100:
         raise bad("jpeg_quality", f"must be in 1..100, got {cfg.jpeg_quality}")
-    for key in ("cooccurrence", "context_without", "sal_drop_prob", "sal_spurious_prob",
+    for key in ("cooccurrence", "context_without", "sal_drop_prob", "sal_miss_rate", "sal_spurious_prob",
                 "sal_context", "sal_noise", "sal_blur"):
         value = getattr(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
@@ -326,8 +328,8 @@ def _context_region(rng, kind, shape, box):
         return _wobbly_rect(shape, rng, x0 - a * w, y1 - 0.25 * h, x1 + a * w, y1 + b * h,
                             amp=0.08 * h, edges="tblr", steps=12)
     if kind == "branch":  # thick slanted bar under the bird, plus a twig
-        a = rng.uniform(0.4, 0.9)
-        t = rng.uniform(0.22, 0.35) * h
+        a = rng.uniform(0.3, 0.7)
+        t = rng.uniform(0.14, 0.24) * h
         slope = rng.uniform(-0.25, 0.25) * h
         ya, yb = y1 - 0.1 * h - slope, y1 - 0.1 * h + slope
         m = _poly(shape, [(x0 - a * w, ya), (x1 + a * w, yb), (x1 + a * w, yb + t), (x0 - a * w, ya + t)])
@@ -429,6 +431,8 @@ def _sample_image(rng, cfg, names, contexts, missed):
     n_obj = int(rng.integers(n_cls, max(n_cls, cfg.max_objects) + 1))
     obj_cls = present + [int(c) for c in rng.choice(present, size=n_obj - n_cls)]
     with_ctx = {c: bool(rng.random() < cfg.cooccurrence) for c in present}
+    if not cfg.missed_has_context:
+        with_ctx = {c: w and names[c] != missed for c, w in with_ctx.items()}
 
     placed, objects = [], []
     for c in obj_cls:
@@ -482,7 +486,7 @@ def _sample_image(rng, cfg, names, contexts, missed):
     ctx_level = rng.uniform(0, cfg.sal_context)
     sal[ctx > 0] = ctx_level
     for i, (c, _, _) in enumerate(objects):
-        if names[c] == missed:
+        if names[c] == missed and rng.random() < cfg.sal_miss_rate:
             level = rng.uniform(*cfg.sal_missed_level)
         elif rng.random() < cfg.sal_drop_prob:
             level = rng.uniform(0.2, 0.5)
@@ -539,9 +543,14 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     - clutter=(3, 8): range of the number of dull background shapes.
     - missed_class=-1: the class the imitation saliency detector systematically misses
       (name, 0-based index, negative index, or None for no such class); -1 = the last class.
+    - missed_has_context=False: whether the missed class keeps its context region. Off by
+      default, so the co-occurrence confusion of the configured pairs measures co-occurrence,
+      and saliency misses are measured separately (the missed class's own IoU).
     - sal_blur=0.02: Gaussian sigma of the saliency soft edges, as a fraction of `size`.
     - sal_level=(0.75, 1.0): saliency level range on objects.
     - sal_missed_level=(0.0, 0.12): saliency level range on objects of the missed class.
+    - sal_miss_rate=0.7: fraction of the missed class's objects the detector misses (real
+      detectors miss a hard class most of the time, not always).
     - sal_drop_prob=0.05: probability that another object is partly missed (level 0.2-0.5).
     - sal_context=0.1: upper bound of the (low) saliency level on context stuff.
     - sal_spurious_prob=0.3: probability of 1-2 spurious saliency blobs in an image.
@@ -644,7 +653,8 @@ def _write_dataset(root: Path, cfg: SynthConfig) -> dict:
         "version": VERSION,
         "classes": names,
         "contexts": contexts,
-        "pairs": [[contexts[c], names[c]] for c in range(C)],
+        "pairs": [[contexts[c], names[c]] for c in range(C)
+                  if cfg.missed_has_context or names[c] != cfg.missed_class],
         "missed_class": cfg.missed_class,
         "params": params,
         "splits": {"train": cfg.num_train, "val": cfg.num_val},
