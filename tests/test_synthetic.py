@@ -204,3 +204,15 @@ def test_config_object_and_fewer_classes(tmp_path):
     assert meta["classes"] == ["train", "boat", "bird"] and meta["missed_class"] == "train"
     labels = np.load(tmp_path / "d" / "cls_labels.npy", allow_pickle=True).item()
     assert all(v.shape == (3,) for v in labels.values())
+
+
+def test_missed_class_context_and_miss_rate(tmp_path):
+    with_ctx = generate(tmp_path / "a", num_train=40, num_val=0, size=48, missed_has_context=True)
+    assert [CONTEXTS[-1], CLASSES[-1]] in with_ctx["pairs"]
+    means = {}
+    for rate in (0.0, 1.0):
+        root = tmp_path / f"r{rate}"
+        generate(root, num_train=40, num_val=0, size=48, sal_miss_rate=rate)
+        vals = [(_load(root, i)[2] / 255)[_load(root, i)[0] == len(CLASSES)] for i in _ids(root, "train")]
+        means[rate] = np.concatenate(vals).mean()
+    assert means[1.0] < 0.2 < 0.5 < means[0.0]
