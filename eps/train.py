@@ -199,10 +199,10 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     torch.manual_seed(params["seed"])
     device = choose_device(params["device"])
     run = _run_key(params, rows["id"], classes, info["dataset"])
-    work.mkdir(parents=True, exist_ok=True)
     model = build_classifier(params["backbone"], len(classes), background=eps_loss)
     if params["weights"]:
         load_weights(model, params["weights"], backbone_only=True)
+    work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves nothing
     model.to(device)
     optimizer = make_optimizer(model, params)
 
@@ -240,7 +240,8 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
         writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
         if new_log:
             writer.writeheader()
-        bar = tqdm(loader, total=total - start, initial=0, desc=f"train {out.parent.name}", mininterval=2)
+        bar = tqdm(_unwrap_worker_errors(loader), total=total - start, initial=0,
+                   desc=f"train {out.parent.name}", mininterval=2)
         for step, item in enumerate(bar, start=start):
             lr = set_poly_lr(optimizer, step, total, params["poly_power"])
             image = item["image"].to(device)
@@ -255,10 +256,9 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
                 )[0]
             loss = loss_cls + loss_sal
             if not math.isfinite(loss.item()):
-                raise EpsError(
-                    f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; "
-                    f"the last good checkpoint is kept in {ckpt}"
-                )
+                kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt.is_file()
+                        else "no checkpoint was written yet")
+                raise EpsError(f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -284,6 +284,24 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     # Done: a rerun (new code, new parameters) must train again, not resume a finished run.
     ckpt.unlink(missing_ok=True)
     return out
+
+
+def _unwrap_worker_errors(loader):
+    """Iterate `loader`; a user error raised in a DataLoader worker (a corrupt image) reaches
+    the main process wrapped in the worker's traceback: re-raise it as its own one line."""
+    batches = iter(loader)
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except EpsError as exc:
+            text = str(exc).strip()
+            if "DataLoader worker" not in text:
+                raise
+            last = text.splitlines()[-1]  # "eps.errors.EpsError: <path>: <problem>"
+            raise EpsError(last.split("EpsError: ", 1)[-1]) from None
+        yield item
 
 
 def _truncate_log(log_path: Path, iteration: int) -> None:
@@ -318,6 +336,15 @@ def load_classifier(path, device="cpu"):
     if not isinstance(state, dict) or "state_dict" not in state or "meta" not in state:
         raise EpsError(f"{path}: not an eps classifier file (expected keys state_dict and meta)")
     meta = state["meta"]
+    needed = ("backbone", "num_classes", "background")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+        raise EpsError(f"{path}: not an eps classifier file (meta lacks {', '.join(needed)})")
     model = build_classifier(meta["backbone"], meta["num_classes"], background=meta["background"])
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        problem = " ".join(str(exc).split())
+        if len(problem) > 300:
+            problem = problem[:297] + "..."
+        raise EpsError(f"{path}: weights do not fit the {meta['backbone']} classifier ({problem})") from None
     return model.to(device).eval(), meta

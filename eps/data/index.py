@@ -160,6 +160,13 @@ def read_index(path) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise fail(path, f"missing columns {missing}")
+    # ids become file and HDF5 names downstream: a hand-edited index is checked like a built one
+    seen: set[str] = set()
+    for line, id_ in enumerate(df["id"], 2):
+        problem = id_problem(id_) or (f"duplicate id {id_!r}" if id_ in seen else None)
+        if problem:
+            raise fail(path, f"line {line}: {problem}")
+        seen.add(id_)
     try:
         df["labels"] = [[int(c) for c in s.split()] for s in df["labels"]]
     except ValueError:

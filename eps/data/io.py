@@ -132,7 +132,9 @@ def read_saliency(path) -> np.ndarray:
     img = _open(path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # a 16-bit file spans 0..65535 whatever its values (a dark map stays dark); mode "I"
+        # (32-bit, or 16-bit PNGs in old Pillow) does not say its depth: judged by the values
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         return np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
     if img.mode != "L":
         img = img.convert("L")
@@ -153,6 +155,13 @@ def atomic_h5(path, fmt: str, dataset: str):
             yield f
 
 
+def _plain(value):
+    """An HDF5 attribute as a plain Python value, so messages read 2, not np.int64(2)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def open_h5(path, fmt: str, dataset: str | None = None) -> h5py.File:
     """Open a shard for reading, checking its format, version and (optionally) dataset."""
     path = Path(path)
@@ -162,9 +171,7 @@ def open_h5(path, fmt: str, dataset: str | None = None) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise fail(path, f"not a readable HDF5 file ({exc})") from None
-    got_fmt = f.attrs.get("format")
-    got_ver = f.attrs.get("version")
-    got_ds = f.attrs.get("dataset")
+    got_fmt, got_ver, got_ds = (_plain(f.attrs.get(k)) for k in ("format", "version", "dataset"))
     if got_fmt != fmt:
         f.close()
         raise fail(path, f"expected an HDF5 shard of format {fmt!r}, found {got_fmt!r}")

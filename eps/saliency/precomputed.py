@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from eps.data.io import read_saliency
-from eps.errors import EpsError
+from eps.errors import EpsError, fail
 
 
 def load_map(image_id: str, image_path: str, saliency_path, strict: bool = False) -> np.ndarray:
@@ -20,8 +20,13 @@ def load_map(image_id: str, image_path: str, saliency_path, strict: bool = False
     if not isinstance(saliency_path, str) or not saliency_path:
         raise EpsError(f"{image_path}: no saliency map indexed for image {image_id!r}")
     sal = read_saliency(saliency_path)
-    with Image.open(image_path) as img:
-        width, height = img.size
+    try:
+        with Image.open(image_path) as img:  # the header is enough: the size
+            width, height = img.size
+    except FileNotFoundError:
+        raise fail(image_path, "file not found") from None
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise fail(image_path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if sal.shape != (height, width):
         problem = f"saliency map is {sal.shape[1]}x{sal.shape[0]}, image is {width}x{height}"
         if strict:
