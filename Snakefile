@@ -11,6 +11,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/saliency.smk"
 include: "workflow/rules/classifier.smk"
 include: "workflow/rules/masks.smk"
+include: "workflow/rules/segment.smk"
 include: "workflow/rules/evaluate.smk"
 
 

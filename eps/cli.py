@@ -131,6 +131,65 @@ def cmd_convert_weights(a):
     print(f"wrote {a.dst}: {len(weights.state)} tensors")
 
 
+# --- segmentation: dense CRF, DeepLab training, prediction (eps/crf.py, eps/segment.py) ---
+
+def cmd_crf(a):
+    from eps.config import load_params
+    from eps.crf import CRF_DEFAULTS, refine_cam_shard
+
+    refine_cam_shard(a.cams, a.index, a.out, a.dataset, load_params(a.params, CRF_DEFAULTS, "crf"), workers=a.workers)
+
+
+def cmd_train_segmenter(a):
+    from eps.config import load_params
+    from eps.segment import SEGMENT_DEFAULTS, train_segmenter
+
+    train_segmenter(a.index, a.masks, a.out, load_params(a.params, SEGMENT_DEFAULTS, "segmenter"), split=a.split)
+
+
+def cmd_predict(a):
+    from eps.config import load_params
+    from eps.crf import CRF_DEFAULTS
+    from eps.segment import PREDICT_DEFAULTS, predict
+
+    crf = load_params(a.crf, CRF_DEFAULTS, "crf") if a.crf else None
+    predict(a.index, a.model, a.out, a.split, a.shard, load_params(a.params, PREDICT_DEFAULTS, "predict"),
+            crf_params=crf, crf_out=a.crf_out, server_layout=a.server_layout, workers=a.workers)
+
+
+def add_segmentation_commands(sub) -> None:
+    p = sub.add_parser("crf", help="dense CRF pseudo-masks from one CAM shard (presets deeplab, psa)")
+    p.add_argument("--cams", required=True, help="a CAM shard (infer-cams)")
+    p.add_argument("--index", required=True, help="index.csv (image paths)")
+    p.add_argument("--dataset", required=True, help="dataset name the shards belong to")
+    p.add_argument("--workers", type=int, default=1, help="images refined in parallel")
+    p.add_argument("--out", required=True, help="mask shard (format eps.masks)")
+    _params(p)
+    p.set_defaults(func=cmd_crf)
+
+    p = sub.add_parser("train-segmenter", help="train a DeepLab segmenter on pseudo-masks (index PNGs)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--masks", required=True, help="folder of pseudo-mask PNGs {id}.png (255 = ignored)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="model.pt; model.json, train_log.csv and checkpoints/ go beside it")
+    _params(p)
+    p.set_defaults(func=cmd_train_segmenter)
+
+    p = sub.add_parser("predict", help="multi-scale + flip segmentation of one shard of a split")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", required=True, help="model.pt of train-segmenter")
+    p.add_argument("--split", required=True)
+    p.add_argument("--shard", default="1-of-1")
+    p.add_argument("--out", required=True, help="mask shard (format eps.masks)")
+    p.add_argument("--crf", default=None, help="crf parameters (JSON or file): also write CRF-refined masks")
+    p.add_argument("--crf-out", default=None, help="mask shard of the CRF-refined predictions (with --crf)")
+    p.add_argument("--server-layout", default=None, metavar="DIR",
+                   help="also write index PNGs to DIR/results/VOC2012/Segmentation/comp6_test_cls/")
+    p.add_argument("--workers", type=int, default=1, help="CRF processes")
+    _params(p)
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eps", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="accept a file lacking some of the architecture's tensors (a partial file)")
     p.set_defaults(func=cmd_convert_weights)
+
+    add_segmentation_commands(sub)
     return parser
 
 

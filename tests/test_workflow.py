@@ -77,13 +77,16 @@ def tiny_config(tmp_path, **overrides):
     cfg["classifier"].update({"iterations": 6, "batch_size": 4, "crop": 48, "resize_long": [44, 52],
                               "checkpoint_every": 3})
     cfg["infer"].update({"scales": [1.0, 0.5]})
+    cfg["segmenter"].update({"iterations": 4, "batch_size": 4, "crop": 48, "checkpoint_every": 2})
+    cfg["segmenter"]["predict"].update({"scales": [1.0]})
     cfg.update(overrides)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, cfg
 
 
-def check_outputs(results: Path, variants, num_ids: int, split: str = "train"):
+def check_outputs(results: Path, variants, num_ids: int, split: str = "train", seg_split: str = "val",
+                  crf: bool = True):
     index = pd.read_csv(results / "index.csv", keep_default_na=False)
     ids = (results / "ids" / f"{split}.txt").read_text().split()
     assert len(ids) == num_ids
@@ -109,9 +112,21 @@ def check_outputs(results: Path, variants, num_ids: int, split: str = "train"):
         assert Image.open(pngs[0]).mode == "P" and mask.max() <= len(classes)
         metrics = json.loads((vdir / "pseudo_masks" / split / "metrics.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0
+        # CRF pseudo-masks, the segmenter and its predictions on the val split
+        if crf:
+            assert {p.stem for p in (vdir / "masks_crf" / split / "png").glob("*.png")} == set(ids)
+        assert (vdir / "deeplab_small" / "model.pt").stat().st_size > 0
+        meta = json.loads((vdir / "deeplab_small" / "model.json").read_text())
+        assert meta["init"] == "scratch" and meta["init_pretraining"] == "none"
+        val_ids = (results / "ids" / f"{seg_split}.txt").read_text().split()
+        assert {p.stem for p in (vdir / "deeplab_small" / "pred" / seg_split / "png").glob("*.png")} == set(val_ids)
+        for stage, stage_split in ((("crf", split),) if crf else ()) + (("segmenter", seg_split),):
+            metrics = json.loads((vdir / stage / stage_split / "metrics.json").read_text())
+            assert 0.0 <= metrics["miou"] <= 1.0
+    stages = ("pseudo_masks", "crf", "segmenter") if crf else ("pseudo_masks", "segmenter")
     summary = pd.read_csv(results / "summary.csv")
-    assert list(summary["variant"]) == list(variants)
-    assert set(summary["stage"]) == {"pseudo_masks"}
+    assert list(summary["stage"]) == [s for s in stages for _ in variants]
+    assert list(summary["variant"]) == list(variants) * len(stages)
     assert len(index) >= num_ids
 
 
@@ -142,10 +157,13 @@ def test_real_voc_sample_run(tmp_path, shared_dir):
     cfg["classifier"].update({"iterations": 4, "batch_size": 2, "crop": 64, "resize_long": [64, 96],
                               "checkpoint_every": 2})
     cfg["infer"].update({"scales": [0.25, 0.5]})
+    cfg["segmenter"].update({"iterations": 2, "batch_size": 2, "crop": 64, "checkpoint_every": 2})
+    cfg["segmenter"]["predict"].update({"scales": [0.5]})
+    cfg["crf"]["enabled"] = False  # 2.6 s per VOC-size image; the synthetic run covers the stage
     cfg["evaluation"] = {"splits": ["train"], "confusion_pairs": []}
     config = tmp_path / "voc.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = _snakemake(["--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                        "--configfile", str(config)], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check_outputs(tmp_path / "results" / "voc_sample", list(cfg["variants"]), len(ids))
+    check_outputs(tmp_path / "results" / "voc_sample", list(cfg["variants"]), len(ids), crf=False)

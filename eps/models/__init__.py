@@ -70,3 +70,7 @@ def load_weights(model: torch.nn.Module, path, *, backbone_only: bool = False,
         for line in notes:
             report(f"{path}: {line}")
     return model
+
+from eps.models.deeplab import build_segmenter  # noqa: E402
+
+__all__ += ["build_segmenter"]

@@ -1,25 +1,32 @@
-# Evaluation of pseudo-masks against ground truth, and the summary across variants.
+# Evaluation against ground truth of every mask-producing stage, and the summary across variants.
+# Stages (wildcard {stage}): pseudo_masks, crf (CRF-refined pseudo-masks), segmenter and
+# segmenter_crf (segmenter predictions, without / with CRF); STAGE_DIRS (segment.smk) says
+# where each keeps its PNGs.
 
 
 rule evaluate_masks:
     input:
-        pred=f"{RESULTS}/{{variant}}/masks/{{split}}/png",
+        pred=lambda w: f"{RESULTS}/{w.variant}/{STAGE_DIRS[w.stage]}/{w.split}/png",
         ids=f"{RESULTS}/ids/{{split}}.txt",
         classes=f"{RESULTS}/classes.json",
     output:
-        metrics=f"{RESULTS}/{{variant}}/pseudo_masks/{{split}}/metrics.json",
-        per_class=f"{RESULTS}/{{variant}}/pseudo_masks/{{split}}/per_class.csv",
+        metrics=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/metrics.json",
+        per_class=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/per_class.csv",
     params:
         gt=gt_dir(),
         num_classes=lambda w, input: len(json.load(open(input.classes))["classes"]) + 1,
         context=context_args(),
         out=subpath(output.metrics, parent=True),
         code=code_hash(*COMMON_CODE, "eps/metrics.py"),
+    wildcard_constraints:
+        variant="[^/]+",
+        stage="|".join(STAGE_DIRS),
+        split="[^/]+",
     threads: config["threads"]["evaluate"]
     log:
-        f"{RESULTS}/logs/evaluate_masks/{{variant}}/{{split}}.log",
+        f"{RESULTS}/logs/evaluate_masks/{{variant}}/{{stage}}/{{split}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate_masks/{{variant}}/{{split}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate_masks/{{variant}}/{{stage}}/{{split}}.tsv"
     conda:
         "../../envs/eps.yaml"
     shell:
@@ -28,19 +35,26 @@ rule evaluate_masks:
         "--workers {threads} --out {params.out} > {log} 2>&1"
 
 
+# (variant, stage, split) rows of summary.csv: pseudo-masks (and their CRF) on the first
+# evaluation split, the segmenter (and its CRF) on its prediction split
+SUMMARY_STAGES = [("pseudo_masks", EVAL_SPLITS[0])]
+if CRF_ENABLED:
+    SUMMARY_STAGES.append(("crf", EVAL_SPLITS[0]))
+if SEG_ENABLED:
+    SUMMARY_STAGES.append(("segmenter", SEG_SPLIT))
+    if SEG_CRF:
+        SUMMARY_STAGES.append(("segmenter_crf", SEG_SPLIT))
+SUMMARY_ENTRIES = [(v, stage, split) for stage, split in SUMMARY_STAGES for v in VARIANTS]
+
 rule summary:
     input:
-        expand(
-            f"{RESULTS}/{{variant}}/pseudo_masks/{{split}}/metrics.json",
-            variant=VARIANTS,
-            split=EVAL_SPLITS[:1],
-        ),
+        [f"{RESULTS}/{v}/{stage}/{split}/metrics.json" for v, stage, split in SUMMARY_ENTRIES],
     output:
         f"{RESULTS}/summary.csv",
     params:
         entries=" ".join(
-            f"--entry {v}:pseudo_masks:{RESULTS}/{v}/pseudo_masks/{EVAL_SPLITS[0]}/metrics.json"
-            for v in VARIANTS
+            f"--entry {v}:{stage}:{RESULTS}/{v}/{stage}/{split}/metrics.json"
+            for v, stage, split in SUMMARY_ENTRIES
         ),
         code=code_hash(*COMMON_CODE, "eps/summary.py"),
     log:

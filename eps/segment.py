@@ -1,0 +1,470 @@
+"""Segmentation: DeepLab trained on pseudo-masks, multi-scale + flip prediction, optional CRF.
+
+Training (``train_segmenter``) reads the images of a split through the index and their
+pseudo-masks as index PNGs (``masks/{split}/png``; 0 = background, 1..C = classes, 255 =
+ignored). Each sample is randomly scaled (``scale_range``; image bilinear, label nearest),
+flipped, padded to the crop (image with the mean, i.e. 0 after normalisation, label with
+255) and randomly cropped. Loss: per-pixel cross-entropy on the logits upsampled
+(bilinear) to the crop, label 255 ignored. SGD with poly decay (power 0.9) over the four
+parameter groups of DeepLab (lr / 2x lr for backbone weights / biases, 10x / 20x lr for
+the new head); ResNet-101 keeps BatchNorm frozen.
+
+As in classifier training (``eps.train``), the sample order, every augmentation and the
+dropout masks are a pure function of (seed, iteration), checkpoints are written every
+``checkpoint_every`` iterations with a key of the run (parameters, images, pseudo-mask
+contents, init file), and a run resumed from a checkpoint ends with the weights of an
+uninterrupted run.
+
+Prediction (``predict``): softmax averaged over ``scales`` and horizontal flips at image
+size, argmax -> an ``eps.masks`` shard; optionally refined by the dense CRF of
+``eps.crf`` (a second shard), and written as index PNGs in the layout of the PASCAL VOC
+evaluation server (``results/VOC2012/Segmentation/comp6_test_cls/{id}.png``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from eps.config import choose_device, set_threads, write_json
+from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows, split_rows
+from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
+from eps.errors import EpsError
+from eps.models.deeplab import SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
+from eps.train import _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr
+
+IGNORE = 255
+SERVER_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+LOG_FIELDS = ["iteration", "loss", "lr", "seconds"]
+
+# Training defaults: the small CPU setting of config.yaml. The official DeepLab-v2 VOC
+# setting (configs/voc12.yaml): deeplab_v2_resnet101 from a COCO initialisation, 20k
+# iterations, batch 10, crop 321, scales 0.5-1.5, lr 2.5e-4, momentum 0.9, wd 5e-4.
+SEGMENT_DEFAULTS = {
+    "enabled": True,  # workflow switch; the command ignores it
+    "pseudo_labels": "masks",  # workflow: train on `masks` or `masks_crf` PNGs (recorded in model.json)
+    "model": "deeplab_small",
+    "weights": None,  # a local backbone weights file; None = from scratch
+    "init_pretraining": "none",  # what `weights` was pretrained on: imagenet | coco | none (recorded)
+    "iterations": 1500,
+    "batch_size": 8,
+    "crop": 96,
+    "scale_range": [0.7, 1.3],
+    "lr": 0.02,
+    "weight_decay": 5e-4,
+    "momentum": 0.9,
+    "poly_power": 0.9,
+    "seed": 0,
+    "checkpoint_every": 500,
+    "num_workers": 0,
+    "device": "auto",
+}
+
+PREDICT_DEFAULTS = {
+    "split": "val",  # workflow: the split predicted and evaluated
+    "test_split": None,  # workflow: a split without labels written in the VOC server layout
+    "scales": [0.75, 1.0, 1.25],
+    "flip": True,
+    "crf": False,  # also write CRF-refined predictions (the crf block's kernel)
+    "batch_size": 8,
+    "device": "auto",
+    "amp": False,
+}
+
+PRETRAINING = ("imagenet", "coco", "none")
+# Parameters that do not change the trained weights: a checkpoint stays valid across them.
+_RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every", "enabled", "pseudo_labels", "init_pretraining"}
+
+
+# ---------------------------------------------------------------------------- samples
+
+def augment_pair(image, label, rng, scale_range, crop):
+    """Random scale, flip, normalisation, pad (image 0 = mean, label 255) and crop.
+
+    image uint8 (H, W, 3), label uint8 (H, W) -> float32 (3, crop, crop), int64 (crop, crop).
+    """
+    h, w = image.shape[:2]
+    scale = float(rng.uniform(scale_range[0], scale_range[1]))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    image = normalize(np.ascontiguousarray(image))
+    h, w = label.shape
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, ph), (0, pw)))
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+    h, w = label.shape
+    top = int(rng.integers(0, h - crop + 1))
+    left = int(rng.integers(0, w - crop + 1))
+    image = np.ascontiguousarray(image[:, top:top + crop, left:left + crop])
+    label = np.ascontiguousarray(label[top:top + crop, left:left + crop]).astype(np.int64)
+    return image, label
+
+
+class SegSamples(Dataset):
+    """Sample number p of the run (p = iteration * batch + slot): image + pseudo-mask, augmented."""
+
+    def __init__(self, images, masks, num_classes: int, params: dict):
+        self.images = list(images)
+        self.masks = list(masks)
+        self.num_classes = num_classes
+        self.p = params
+
+    def __len__(self):
+        return 1 << 62
+
+    def _index(self, position: int) -> int:
+        n = len(self.images)
+        epoch, offset = divmod(position, n)
+        order = np.random.default_rng([self.p["seed"], epoch]).permutation(n)
+        return int(order[offset])
+
+    def __getitem__(self, position: int):
+        i = self._index(position)
+        rng = np.random.default_rng([self.p["seed"], position, 2])
+        image = read_image(self.images[i])
+        label = read_index_png(self.masks[i])
+        if label.shape != image.shape[:2]:
+            raise EpsError(f"{self.masks[i]}: mask size {label.shape[1]}x{label.shape[0]} differs from its image "
+                           f"{image.shape[1]}x{image.shape[0]} (WxH)")
+        bad = (label > self.num_classes) & (label != IGNORE)
+        if bad.any():
+            raise EpsError(f"{self.masks[i]}: mask value {int(label[bad].max())} is not a class "
+                           f"(0..{self.num_classes}) or {IGNORE} (ignored)")
+        image, label = augment_pair(image, label, rng, self.p["scale_range"], int(self.p["crop"]))
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label)}
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits upsampled to the label size; 255 ignored (0 if all ignored)."""
+    logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    if not bool((label != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, label, ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------------- training
+
+def _digest_files(paths) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(Path(p).read_bytes())
+    return digest.hexdigest()
+
+
+def _run_key(params: dict, ids, classes, dataset: str, masks_digest: str, init_digest: str) -> str:
+    data = {
+        "params": {k: v for k, v in params.items() if k not in _RUN_NEUTRAL},
+        "ids": list(ids), "classes": list(classes), "dataset": dataset,
+        "masks": masks_digest, "init": init_digest,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = "") -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "iteration": iteration, "run": run}, tmp)
+
+
+def _truncate_log(log_path: Path, iteration: int) -> None:
+    """Keep the complete log rows 1..`iteration` (a killed run may leave a partial line)."""
+    if not log_path.exists():
+        return
+    rows = []
+    with open(log_path, newline="") as f:
+        for r in csv.DictReader(f):
+            if len(rows) == iteration or r.get("iteration") != str(len(rows) + 1) or None in r.values():
+                break
+            rows.append(r)
+    with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def check_train_params(params: dict) -> None:
+    if params["model"] not in SEGMENTERS:
+        raise EpsError(f"segmenter.model: unknown value {params['model']!r} (allowed: {', '.join(SEGMENTERS)})")
+    if params["init_pretraining"] not in PRETRAINING:
+        raise EpsError(f"segmenter.init_pretraining: unknown value {params['init_pretraining']!r} "
+                       f"(allowed: {', '.join(PRETRAINING)})")
+    if not params["weights"] and params["init_pretraining"] != "none":
+        raise EpsError(f"segmenter.init_pretraining: {params['init_pretraining']!r} given but no weights file "
+                       "(segmenter.weights is null: training starts from scratch)")
+    lo, hi = (list(params["scale_range"]) + [None, None])[:2]
+    if lo is None or hi is None or not 0 < lo <= hi:
+        raise EpsError(f"segmenter.scale_range: expected [low, high] with 0 < low <= high, got {params['scale_range']!r}")
+    for key in ("iterations", "batch_size", "crop", "checkpoint_every"):
+        if int(params[key]) < 1:
+            raise EpsError(f"segmenter.{key}: must be at least 1, got {params[key]!r}")
+
+
+def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train") -> Path:
+    """Train a segmenter on the pseudo-masks `masks_dir/{id}.png` of the `split` rows of `index_csv`.
+
+    Writes `out` (model.pt: weights + meta), `model.json` and `train_log.csv` beside it;
+    checkpoints go to `checkpoints/` beside it and are removed when the run is complete.
+    """
+    set_threads()
+    check_train_params(params)
+    out = Path(out)
+    work = out.parent / "checkpoints"
+    index = read_index(index_csv)
+    info = read_classes(index_csv)
+    classes = info["classes"]
+    rows = split_rows(index, split)
+    if len(rows) == 0:
+        raise EpsError(f"{index_csv}: split {split!r} has no images")
+    masks_dir = Path(masks_dir)
+    if not masks_dir.is_dir():
+        raise EpsError(f"{masks_dir}: pseudo-mask folder not found")
+    mask_paths = [masks_dir / f"{i}.png" for i in rows["id"]]
+    missing = [p for p in mask_paths if not p.is_file()]
+    if missing:
+        raise EpsError(f"{missing[0]}: no pseudo-mask for this image ({len(missing)} of {len(mask_paths)} missing)")
+    init = "scratch"
+    init_digest = ""
+    if params["weights"]:
+        weights = Path(params["weights"])
+        if not weights.is_file():
+            raise EpsError(f"{weights}: weights file not found (segmenter.weights)")
+        init_digest = sha256_file(weights)
+        init = {"file": str(weights), "sha256": init_digest}
+
+    device = choose_device(params["device"])
+    run = _run_key(params, rows["id"], classes, info["dataset"], _digest_files(mask_paths), init_digest)
+    torch.manual_seed(params["seed"])
+    init_weights = read_init(params["weights"]) if params["weights"] else None
+    # a DeepLab (Caffe) initialisation runs in the network and on the input it was trained with
+    caffe = init_weights is not None and init_weights.layout == "deeplab-resnet101"
+    if caffe and not params["model"].endswith("resnet101"):
+        raise EpsError(f"{params['weights']}: a DeepLab ResNet-101 initialisation does not fit {params['model']}")
+    model = build_segmenter(params["model"], len(classes) + 1, caffe=caffe)
+    notes = load_backbone(model, params["weights"], init_weights) if init_weights is not None else []
+    for line in notes:
+        print(f"{params['weights']}: {line}", flush=True)
+    model.to(device)
+    optimizer = make_optimizer(model, params)
+
+    total = int(params["iterations"])
+    start = 0
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "last.pt"
+    log_path = work / "train_log.csv"
+    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
+    if state is not None and state.get("run") != run:
+        print(f"ignoring {ckpt}: written by a run with other parameters, images or pseudo-masks", flush=True)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+        _truncate_log(log_path, start)
+        print(f"resuming from {ckpt} at iteration {start}", flush=True)
+    elif log_path.exists():
+        log_path.unlink()
+
+    batch = int(params["batch_size"])
+    samples = SegSamples(rows["image"], mask_paths, len(classes), params)
+    loader = DataLoader(samples, batch_size=batch, sampler=range(start * batch, total * batch),
+                        num_workers=int(params["num_workers"]), drop_last=True)
+    model.train()
+    new_log = not log_path.exists()
+    t0 = time.time()
+    with open(log_path, "a", newline="") as log_file:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+        bar = tqdm(_unwrap_worker_errors(loader), total=total - start, desc=f"segmenter {out.parent.name}",
+                   mininterval=2)
+        for step, item in enumerate(bar, start=start):
+            lr = set_poly_lr(optimizer, step, total, params["poly_power"])
+            torch.manual_seed(int(params["seed"]) * 1_000_003 + step)  # dropout: a function of the step
+            logits = model(item["image"].to(device))
+            loss = segmentation_loss(logits, item["label"].to(device))
+            if not math.isfinite(loss.item()):
+                kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt.is_file()
+                        else "no checkpoint was written yet")
+                raise EpsError(f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; {kept}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            writer.writerow({"iteration": done, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
+                             "seconds": f"{time.time() - t0:.2f}"})
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            if done % int(params["checkpoint_every"]) == 0 or done == total:
+                log_file.flush()
+                _save_checkpoint(ckpt, model, optimizer, done, run)
+    meta = {
+        "model": params["model"], "num_classes": len(classes) + 1, "classes": classes,
+        "dataset": info["dataset"], "split": split, "pseudo_masks": str(masks_dir),
+        "pseudo_labels": params["pseudo_labels"], "params": params,
+        "init": init, "init_pretraining": params["init_pretraining"], "init_notes": notes,
+        "caffe": caffe,  # Caffe DeepLab backbone layout and BGR 0..255 input (a DeepLab initialisation)
+    }
+    with atomic_path(out.parent / "train_log.csv") as tmp:
+        tmp.write_bytes(log_path.read_bytes())
+    write_json(out.parent / "model.json", meta)
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    ckpt.unlink(missing_ok=True)  # done: a rerun must train again, not resume a finished run
+    return out
+
+
+def load_segmenter(path, device="cpu"):
+    """Rebuild a trained segmenter from `model.pt` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpsError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EpsError(f"{path}: cannot load segmenter ({type(exc).__name__}: {exc})") from None
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in state or "model" not in meta or "num_classes" not in meta:
+        raise EpsError(f"{path}: not an eps segmenter file (expected keys state_dict and meta)")
+    model = build_segmenter(meta["model"], meta["num_classes"], caffe=bool(meta.get("caffe", False)))
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        problem = " ".join(str(exc).split())
+        raise EpsError(f"{path}: weights do not fit a {meta['model']} segmenter "
+                       f"({problem[:297] + '...' if len(problem) > 300 else problem})") from None
+    return model.to(device).eval(), meta
+
+
+# ---------------------------------------------------------------------------- prediction
+
+@torch.no_grad()
+def multiscale_probs(model, images: torch.Tensor, scales, flip: bool, amp: bool = False) -> torch.Tensor:
+    """Softmax averaged over scales (and flips) at input size: (N, K, H, W) float32."""
+    n, _, h, w = images.shape
+    total = None
+    count = 0
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], 0)
+        with torch.autocast(device_type=x.device.type, enabled=amp):
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        prob = F.softmax(logits, dim=1)
+        if flip:
+            prob = prob[:n] + prob[n:].flip(-1)
+        total = prob if total is None else total + prob
+        count += 2 if flip else 1
+    return total / count
+
+
+def _crf_job(job):
+    from eps.crf import dense_crf
+
+    image, probs, crf_params = job
+    return np.argmax(dense_crf(image, probs, crf_params), axis=0).astype(np.uint8)
+
+
+def server_dir(root) -> Path:
+    """Where the VOC evaluation server expects the test predictions under `root`."""
+    return Path(root) / SERVER_SUBDIR
+
+
+def predict(index_csv, model_path, out, split: str, scatteritem: str, params: dict, *,
+            crf_params: dict | None = None, crf_out=None, server_layout=None, workers: int = 1) -> Path:
+    """Predict one shard of a split: an ``eps.masks`` shard at `out` (argmax of the averaged softmax).
+
+    With `crf_params` and `crf_out`, also a shard of CRF-refined masks. With `server_layout`,
+    the final masks (CRF-refined if requested) are also written as index PNGs under
+    ``server_layout/results/VOC2012/Segmentation/comp6_test_cls/{id}.png``. Prints the shard's
+    mIoU where the index has ground truth.
+    """
+    from eps.crf import kernel_params, parallel_map
+    from eps.metrics import confusion, miou
+
+    set_threads()
+    if (crf_params is None) != (crf_out is None):
+        raise EpsError("predict: --crf and --crf-out go together")
+    if crf_params is not None:
+        kernel_params(crf_params)
+    index = read_index(index_csv)
+    info = read_classes(index_csv)
+    rows = shard_rows(split_rows(index, split), *parse_scatteritem(scatteritem))
+    device = choose_device(params["device"])
+    model, meta = load_segmenter(model_path, device)
+    if meta["num_classes"] != len(info["classes"]) + 1:
+        raise EpsError(f"{model_path}: trained for {meta['num_classes']} classes with background, "
+                       f"the dataset has {len(info['classes']) + 1}")
+    amp = bool(params["amp"]) and device.type == "cuda"
+    n = meta["num_classes"]
+    ids = list(rows["id"])
+    images = {i: read_image(p) for i, p in zip(rows["id"], rows["image"])}
+    gts = dict(zip(rows["id"], rows["mask"]))
+    by_size = defaultdict(list)
+    for k, image_id in enumerate(ids):
+        by_size[images[image_id].shape[:2]].append(k)
+
+    hist = np.zeros((n, n), np.int64)
+    hist_crf = np.zeros((n, n), np.int64)
+    has_gt = 0
+    results: dict[str, tuple] = {}
+    out = Path(out)
+    step = int(params["batch_size"])
+    bar = tqdm(total=len(ids), desc=f"predict {out.name}", mininterval=2)
+    for _, members in sorted(by_size.items()):
+        for b in range(0, len(members), step):
+            chunk = [ids[k] for k in members[b:b + step]]
+            batch = torch.from_numpy(np.stack([normalize(images[i]) for i in chunk])).to(device)
+            probs = multiscale_probs(model, batch, params["scales"], params["flip"], amp).cpu().numpy()
+            masks = probs.argmax(axis=1).astype(np.uint8)
+            refined = [None] * len(chunk)
+            if crf_params is not None:
+                jobs = [(images[i], probs[j], crf_params) for j, i in enumerate(chunk)]
+                refined = list(parallel_map(_crf_job, jobs, min(workers, len(jobs))))
+            for j, i in enumerate(chunk):
+                results[i] = (masks[j], refined[j])
+                if gts[i]:
+                    gt = read_index_png(gts[i])
+                    if gt.shape != masks[j].shape:
+                        raise EpsError(f"{gts[i]}: ground truth size differs from its image")
+                    has_gt += 1
+                    hist += confusion(gt, masks[j], n)
+                    if refined[j] is not None:
+                        hist_crf += confusion(gt, refined[j], n)
+            bar.update(len(chunk))
+    bar.close()
+    with atomic_h5(out, "eps.masks", info["dataset"]) as f:
+        for i in ids:
+            f.create_dataset(i, data=results[i][0], compression="gzip", compression_opts=1)
+    if crf_out is not None:
+        with atomic_h5(crf_out, "eps.masks", info["dataset"]) as f:
+            for i in ids:
+                f.create_dataset(i, data=results[i][1], compression="gzip", compression_opts=1)
+    if server_layout is not None:
+        target = server_dir(server_layout)
+        for i in ids:
+            final = results[i][1] if results[i][1] is not None else results[i][0]
+            write_index_png(target / f"{i}.png", final)
+    if has_gt:
+        line = f"{out.name}: mIoU {100 * miou(hist):.2f} over {has_gt} images with ground truth"
+        if crf_params is not None:
+            line += f"; with CRF {100 * miou(hist_crf):.2f}"
+        print(line, flush=True)
+    return out

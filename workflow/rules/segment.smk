@@ -1,0 +1,188 @@
+# Refinement and segmentation: dense CRF of pseudo-masks, DeepLab trained on pseudo-masks,
+# multi-scale + flip prediction (optionally CRF-refined), PNG export. See docs/segmentation.md.
+
+CRF = config["crf"]
+CRF_ENABLED = bool(CRF["enabled"])
+SEG = config["segmenter"]
+SEG_ENABLED = bool(SEG["enabled"])
+SEG_NAME = SEG["model"]
+SEG_PRED = SEG["predict"]
+SEG_SPLIT = SEG_PRED["split"]
+SEG_CRF = bool(SEG_PRED["crf"])
+SEG_DIR = f"{RESULTS}/{{variant}}/{SEG_NAME}"
+
+# where each evaluated stage keeps its PNGs, relative to results/{ds}/{variant}/
+STAGE_DIRS = {
+    "pseudo_masks": "masks",
+    "crf": "masks_crf",
+    "segmenter": f"{SEG_NAME}/pred",
+    "segmenter_crf": f"{SEG_NAME}/pred_crf",
+}
+
+# the segmenter block as train-segmenter receives it: without the prediction sub-block
+SEG_TRAIN = with_device({k: v for k, v in SEG.items() if k != "predict"})
+PREDICT_OUTPUTS = {"pred": f"{SEG_DIR}/pred/{{split}}/shard-{{scatteritem}}.h5"}
+if SEG_CRF:
+    PREDICT_OUTPUTS["crf"] = f"{SEG_DIR}/pred_crf/{{split}}/shard-{{scatteritem}}.h5"
+
+
+rule crf:
+    input:
+        cams=f"{RESULTS}/{{variant}}/cams/{{split}}/shard-{{scatteritem}}.h5",
+        index=f"{RESULTS}/index.csv",
+    output:
+        f"{RESULTS}/{{variant}}/masks_crf/{{split}}/shard-{{scatteritem}}.h5",
+    params:
+        crf=as_json(CRF),
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/crf.py"),
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
+    threads: config["threads"]["crf"]
+    log:
+        f"{RESULTS}/logs/crf/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/crf/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "eps crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
+        "--params '{params.crf}' --workers {threads} --out {output} > {log} 2>&1"
+
+
+rule export_crf:
+    input:
+        gather.shard(f"{RESULTS}/{{{{variant}}}}/masks_crf/{{{{split}}}}/shard-{{scatteritem}}.h5"),
+    output:
+        directory(f"{RESULTS}/{{variant}}/masks_crf/{{split}}/png"),
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
+    log:
+        f"{RESULTS}/logs/export_crf/{{variant}}/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/export_crf/{{variant}}/{{split}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+
+
+rule train_segmenter:
+    input:
+        index=f"{RESULTS}/index.csv",
+        # the exported pseudo-masks (or their CRF) of the split the classifier trained on
+        masks=lambda w: f"{RESULTS}/{w.variant}/{SEG['pseudo_labels']}/{config['train_split']}/png",
+    output:
+        model=f"{SEG_DIR}/model.pt",
+        meta=f"{SEG_DIR}/model.json",
+        train_log=f"{SEG_DIR}/train_log.csv",
+    params:
+        segmenter=as_json(SEG_TRAIN),
+        split=config["train_split"],
+        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
+    wildcard_constraints:
+        variant="[^/]+",
+    threads: config["threads"]["train"]
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/train_segmenter/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_segmenter/{{variant}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
+        "--split {params.split} --params '{params.segmenter}' --out {output.model} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        index=f"{RESULTS}/index.csv",
+        model=f"{SEG_DIR}/model.pt",
+    output:
+        **PREDICT_OUTPUTS,
+    params:
+        predict=as_json(with_device(SEG_PRED)),
+        # --crf (the crf block's kernel) and --crf-out when predictions are CRF-refined
+        crf=lambda w, output: f"--crf '{as_json(CRF)}' --crf-out {output.crf}" if SEG_CRF else "",
+        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/crf.py", "eps/train.py", "eps/models"),
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
+    threads: config["threads"]["infer"]
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/predict/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predict/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "EPS_THREADS={threads} eps predict --index {input.index} --model {input.model} "
+        "--split {wildcards.split} --shard {wildcards.scatteritem} --params '{params.predict}' "
+        "{params.crf} --workers {threads} --out {output.pred} > {log} 2>&1"
+
+
+rule export_predictions:
+    input:
+        gather.shard(f"{RESULTS}/{{{{variant}}}}/{SEG_NAME}/{{{{kind}}}}/{{{{split}}}}/shard-{{scatteritem}}.h5"),
+    output:
+        directory(f"{SEG_DIR}/{{kind}}/{{split}}/png"),
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+    wildcard_constraints:
+        variant="[^/]+",
+        kind="pred|pred_crf",
+        split="[^/]+",
+    log:
+        f"{RESULTS}/logs/export_predictions/{{variant}}/{{kind}}/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/export_predictions/{{variant}}/{{kind}}/{{split}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+
+
+# Test-set predictions in the layout of the PASCAL VOC evaluation server (only with
+# segmenter.predict.test_split set): `snakemake --cores N server_layout`, then archive
+# results/{ds}/{variant}/{segmenter}/server/results/ and upload it.
+rule server_export:
+    input:
+        gather.shard(
+            f"{RESULTS}/{{{{variant}}}}/{SEG_NAME}/{'pred_crf' if SEG_CRF else 'pred'}/"
+            f"{{{{split}}}}/shard-{{scatteritem}}.h5"
+        ),
+    output:
+        directory(f"{SEG_DIR}/server/{{split}}/results/VOC2012/Segmentation/comp6_test_cls"),
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
+    log:
+        f"{RESULTS}/logs/server_export/{{variant}}/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/server_export/{{variant}}/{{split}}.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+
+
+rule server_layout:
+    input:
+        expand(
+            f"{RESULTS}/{{variant}}/{SEG_NAME}/server/{{split}}/results/VOC2012/Segmentation/comp6_test_cls",
+            variant=VARIANTS,
+            split=[SEG_PRED["test_split"]] if SEG_PRED["test_split"] else [],
+        ),
