@@ -37,6 +37,7 @@ TRAIN_DEFAULTS = {
     "checkpoint_every": 100,
     "num_workers": 0,
     "device": "auto",
+    "gpus": 1,  # > 1: DistributedDataParallel over this many processes (one GPU each; gloo on CPU)
 }
 
 INFER_DEFAULTS = {
@@ -80,11 +81,23 @@ def load_params(value: str | None, defaults: dict, what: str) -> dict:
 
 
 def choose_device(name: str = "auto"):
-    """`auto` picks CUDA when present, else CPU; an explicit `cuda` without a GPU is an error."""
+    """`auto` picks CUDA when present, else CPU; an explicit `cuda` without a GPU is an error.
+
+    With more than one visible CUDA device, `auto` claims a free device slot (eps.gpus), so
+    N concurrent jobs (`snakemake --resources gpu=N`) run on N different GPUs; the slot is
+    held until the process exits. `cuda:N` names a device explicitly and claims nothing.
+    """
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if count > 1:
+            from eps.gpus import claim_device
+
+            return torch.device(f"cuda:{claim_device(count)}")
+        return torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EpsError(f"device: {name!r} requested but no CUDA device is available")
     if name not in ("cpu",) and not name.startswith("cuda"):

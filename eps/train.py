@@ -8,11 +8,13 @@ weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -151,7 +153,7 @@ def set_poly_lr(optimizer, iteration: int, total: int, power: float) -> float:
 
 
 # Parameters that do not change the trained weights: a checkpoint stays valid across them.
-_RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every"}
+_RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every", "gpus"}
 
 
 def _run_key(params: dict, ids, classes, dataset: str) -> str:
@@ -169,11 +171,51 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = ""
                     "iteration": iteration, "run": run}, tmp)
 
 
+@dataclass
+class _Job:
+    """Everything a training process needs (picklable: distributed ranks receive a copy)."""
+
+    out: Path
+    params: dict
+    rows: object  # the split's index rows (pandas)
+    labels: np.ndarray
+    saliency: SaliencyStore | None
+    classes: list
+    dataset: str
+    bg_idx: list
+    run: str
+
+
+class _RankPositions:
+    """Sample positions of one rank: its contiguous slice of every global batch of steps start..total-1.
+
+    Rank r of w takes positions step * batch + r * local ... + local - 1 (local = batch / w), so
+    the union over ranks of one step is exactly the global batch of a single process, and the
+    sample sequence stays a function of (seed, position).
+    """
+
+    def __init__(self, start: int, total: int, batch: int, rank: int, world: int):
+        self.start, self.total, self.batch = start, total, batch
+        self.local = batch // world
+        self.offset = rank * self.local
+
+    def __len__(self):
+        return (self.total - self.start) * self.local
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            first = step * self.batch + self.offset
+            yield from range(first, first + self.local)
+
+
 def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: str = "train") -> Path:
-    """Train a classifier on the `split` rows of `index_csv`; write `out` (weights + meta) and train_log.csv beside it."""
+    """Train a classifier on the `split` rows of `index_csv`; write `out` (weights + meta) and train_log.csv beside it.
+
+    With `gpus: N` > 1 the run is data parallel (DistributedDataParallel) over N processes,
+    one GPU each (NCCL), or on CPU (gloo); each rank takes 1/N of every global batch.
+    """
     set_threads()
     out = Path(out)
-    work = out.parent / "checkpoints"
     index = read_index(index_csv)
     info = read_classes(index_csv)
     classes = info["classes"]
@@ -196,13 +238,30 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
             raise EpsError(f"background_classes: unknown class {name!r}; known: {classes}")
         bg_idx.append(classes.index(name))
 
-    torch.manual_seed(params["seed"])
-    device = choose_device(params["device"])
     run = _run_key(params, rows["id"], classes, info["dataset"])
-    model = build_classifier(params["backbone"], len(classes), background=eps_loss)
+    job = _Job(out, params, rows, labels, saliency, classes, info["dataset"], bg_idx, run)
+    gpus = params.get("gpus", 1)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise EpsError(f"gpus: must be an integer >= 1, got {gpus!r}")
+    if gpus > 1:
+        _train_distributed(job, gpus)
+    else:
+        _fit(job, choose_device(params["device"]))
+    return out
+
+
+def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
+    """The training loop; with `world` > 1, one rank of a DistributedDataParallel run (rank 0 writes)."""
+    params, out = job.params, job.out
+    eps_loss = params["loss"] == "eps"
+    work = out.parent / "checkpoints"
+    lead = rank == 0
+    torch.manual_seed(params["seed"])
+    model = build_classifier(params["backbone"], len(job.classes), background=eps_loss)
     if params["weights"]:
         load_weights(model, params["weights"], backbone_only=True)
-    work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves nothing
+    if lead:
+        work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves nothing
     model.to(device)
     optimizer = make_optimizer(model, params)
 
@@ -211,69 +270,95 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
     ckpt = work / "last.pt"
     log_path = work / "train_log.csv"
     state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
-    if state is not None and state.get("run") != run:
+    if state is not None and state.get("run") != job.run:
         # left by a run with other parameters or images: resuming it would give wrong weights
-        print(f"ignoring {ckpt}: written by a run with other parameters or training images", flush=True)
+        if lead:
+            print(f"ignoring {ckpt}: written by a run with other parameters or training images", flush=True)
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
-        _truncate_log(log_path, start)
-        print(f"resuming from {ckpt} at iteration {start}", flush=True)
-    elif log_path.exists():
+        if lead:
+            _truncate_log(log_path, start)
+            print(f"resuming from {ckpt} at iteration {start}", flush=True)
+    elif lead and log_path.exists():
         log_path.unlink()
 
     batch = int(params["batch_size"])
-    samples = TrainSamples(rows, labels, saliency, params)
-    loader = DataLoader(
-        samples,
-        batch_size=batch,
-        sampler=range(start * batch, total * batch),
-        num_workers=int(params["num_workers"]),
-        drop_last=True,
-    )
-    model.train()
+    samples = TrainSamples(job.rows, job.labels, job.saliency, params)
+    if world == 1:
+        net = model
+        loader = DataLoader(
+            samples,
+            batch_size=batch,
+            sampler=range(start * batch, total * batch),
+            num_workers=int(params["num_workers"]),
+            drop_last=True,
+        )
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        loader = DataLoader(
+            samples,
+            batch_size=batch // world,
+            sampler=_RankPositions(start, total, batch, rank, world),
+            num_workers=int(params["num_workers"]),
+            drop_last=True,
+        )
+    net.train()
     new_log = not log_path.exists()
     t0 = time.time()
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-        if new_log:
+    with open(log_path, "a", newline="") if lead else contextlib.nullcontext() as log_file:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if lead else None
+        if lead and new_log:
             writer.writeheader()
         bar = tqdm(_unwrap_worker_errors(loader), total=total - start, initial=0,
-                   desc=f"train {out.parent.name}", mininterval=2)
+                   desc=f"train {out.parent.name}", mininterval=2, disable=not lead)
         for step, item in enumerate(bar, start=start):
             lr = set_poly_lr(optimizer, step, total, params["poly_power"])
             image = item["image"].to(device)
             label = item["label"].to(device)
-            logits, cam = model(image)
+            logits, cam = net(image)
             loss_cls = classification_loss(logits, label)
             loss_sal = torch.zeros((), device=device)
             if eps_loss:
                 loss_sal = saliency_loss(
                     cam, item["saliency"].to(device), label, params["tau"], params["lam"],
-                    selection=params["selection"], background_classes=bg_idx,
+                    selection=params["selection"], background_classes=job.bg_idx,
                 )[0]
             loss = loss_cls + loss_sal
-            if not math.isfinite(loss.item()):
+            if world == 1:
+                shown = (loss.item(), loss_cls.item(), loss_sal.item())
+            else:
+                # the global batch's losses: the mean of the ranks' means (equal local batches)
+                values = torch.stack([loss.detach(), loss_cls.detach(), loss_sal.detach()])
+                torch.distributed.all_reduce(values)
+                shown = tuple((values / world).tolist())
+            if not math.isfinite(shown[0]):
                 kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt.is_file()
                         else "no checkpoint was written yet")
-                raise EpsError(f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; {kept}")
+                raise EpsError(f"{out.parent}: loss became {shown[0]} at iteration {step + 1}; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             done = step + 1
+            if not lead:
+                continue
             writer.writerow({
-                "iteration": done, "loss": f"{loss.item():.6f}", "loss_cls": f"{loss_cls.item():.6f}",
-                "loss_sal": f"{loss_sal.item():.6f}", "lr": f"{lr:.6g}", "seconds": f"{time.time() - t0:.2f}",
+                "iteration": done, "loss": f"{shown[0]:.6f}", "loss_cls": f"{shown[1]:.6f}",
+                "loss_sal": f"{shown[2]:.6f}", "lr": f"{lr:.6g}", "seconds": f"{time.time() - t0:.2f}",
             })
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            bar.set_postfix(loss=f"{shown[0]:.4f}", lr=f"{lr:.4g}")
             if done % int(params["checkpoint_every"]) == 0 or done == total:
                 log_file.flush()
-                _save_checkpoint(ckpt, model, optimizer, done, run)
+                _save_checkpoint(ckpt, model, optimizer, done, job.run)
+    if not lead:
+        return
     meta = {
-        "backbone": params["backbone"], "num_classes": len(classes), "background": eps_loss,
-        "classes": classes, "dataset": info["dataset"], "params": params,
+        "backbone": params["backbone"], "num_classes": len(job.classes), "background": eps_loss,
+        "classes": job.classes, "dataset": job.dataset, "params": params,
         "init": params["weights"] or "scratch",
     }
     with atomic_path(out.parent / "train_log.csv") as tmp:
@@ -283,7 +368,70 @@ def train_classifier(index_csv, out, params: dict, saliency_shards=(), split: st
         torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
     # Done: a rerun (new code, new parameters) must train again, not resume a finished run.
     ckpt.unlink(missing_ok=True)
-    return out
+
+
+def _distributed_devices(name: str, gpus: int):
+    """CUDA device indices for the `gpus` ranks, or None to train on CPU (gloo)."""
+    if name == "cpu":
+        return None
+    if name == "auto" and not torch.cuda.is_available():
+        return None
+    if name != "cuda" and name != "auto":
+        choose_device(name)  # an unknown name or cuda without a GPU: its one-line error
+        raise EpsError(f"device: {name!r} names one GPU; with gpus: {gpus} use auto or cuda")
+    if not torch.cuda.is_available():
+        raise EpsError(f"device: {name!r} requested but no CUDA device is available")
+    count = torch.cuda.device_count()
+    if count < gpus:
+        raise EpsError(f"gpus: {gpus} requested but only {count} CUDA device(s) are visible")
+    if name == "auto" and count > 1:
+        from eps.gpus import claim_devices
+
+        return claim_devices(count, gpus)  # held by this process until it exits
+    return list(range(gpus))
+
+
+def _train_distributed(job: _Job, gpus: int) -> None:
+    """Spawn `gpus` ranks (torch.multiprocessing) and run `_fit` in each with DistributedDataParallel."""
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    batch = int(job.params["batch_size"])
+    if batch % gpus:
+        raise EpsError(f"batch_size: {batch} does not split evenly over gpus: {gpus} (each rank takes batch_size / gpus)")
+    devices = _distributed_devices(job.params["device"], gpus)
+    threads = max(1, torch.get_num_threads() // gpus)
+    rendezvous = Path(tempfile.mkdtemp(prefix="eps-ddp-"))
+    try:
+        mp.spawn(_rank_main, args=(gpus, job, devices, str(rendezvous / "store"), threads), nprocs=gpus, join=True)
+    except mp.ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1]
+        if "EpsError: " in last:  # a user error in a rank: its own one line
+            raise EpsError(last.split("EpsError: ", 1)[-1]) from None
+        raise
+    except mp.ProcessExitedException as exc:
+        raise EpsError(f"{job.out.parent}: a training process died ({exc})") from None
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _rank_main(rank: int, world: int, job: _Job, devices, store: str, threads: int) -> None:
+    """One rank of a distributed run (entry point of a spawned process)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if devices is None:
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        device, backend = torch.device(f"cuda:{devices[rank]}"), "nccl"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        _fit(job, device, rank, world)
+    finally:
+        dist.destroy_process_group()
 
 
 def _unwrap_worker_errors(loader):

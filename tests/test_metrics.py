@@ -147,6 +147,22 @@ def test_co_occurrence_confusion_known_counts(rail_case):
     assert result["miou"] == pytest.approx((50 / 71 + 19 / 40) / 2)
 
 
+def test_confusion_without_true_positives_is_null_and_json_safe(tmp_path):
+    """FP > 0 but TP = 0: m is undefined (null), and metrics.json still writes."""
+    gt = np.zeros((4, 4), np.uint8)
+    ctx = np.ones((4, 4), np.uint8)
+    pred = np.ones((4, 4), np.uint8)  # every rail pixel predicted as train, no train in gt
+    write_masks(tmp_path / "gt", {"a": gt})
+    write_masks(tmp_path / "pred", {"a": pred})
+    write_masks(tmp_path / "ctx", {"a": ctx})
+    result = evaluate_masks(tmp_path / "pred", tmp_path / "gt", ["a"], 2, context_dir=tmp_path / "ctx",
+                            pairs=[(1, 1)], class_names=["train"], context_names=["rail"])
+    (pair,) = result["confusion"]
+    assert (pair["fp"], pair["tp"], pair["m"]) == (16, 0, None)
+    write_metrics(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["confusion"][0]["m"] is None
+
+
 def test_pairs_need_contexts_and_known_names(rail_case):
     args = (rail_case / "pred", rail_case / "gt", ["a"], 2)
     with pytest.raises(EpsError, match="context_dir"):

@@ -14,7 +14,8 @@ rule train_classifier:
         code=code_hash(*COMMON_CODE, "eps/train.py", "eps/losses.py", "eps/models"),
     threads: config["threads"]["train"]
     resources:
-        gpu=1,
+        # the variant's `gpus`: DistributedDataParallel over that many GPUs in this one job
+        gpu=lambda w: variant_params(w.variant).get("gpus", 1),
     log:
         f"{RESULTS}/logs/train_classifier/{{variant}}.log",
     benchmark:
