@@ -30,5 +30,11 @@ lint: $(BIN)/eps
 dry-run: $(BIN)/eps
 	$(BIN)/snakemake -n --configfile config.yaml
 
+# Every bench/*.py (docs/benchmarks.md); each prints its figures and, last, a SUMMARY line.
+# BENCH_ARGS=--quick for a small run.
+bench: $(BIN)/eps
+	@set -e; for b in $(sort $(filter-out bench/_%,$(wildcard bench/*.py))); do \
+		$(BIN)/python $$b $(BENCH_ARGS); echo; done
+
 clean:
 	rm -rf results .snakemake

@@ -102,9 +102,16 @@ def cmd_evaluate_masks(a):
     result = evaluate_masks(
         a.pred, a.gt, ids, a.num_classes, context_dir=a.context, pairs=pairs,
         class_names=class_names, context_names=context_names, workers=a.workers,
+        boundary_tolerance=a.boundary_tolerance, boundary_dir=a.boundary_gt,
     )
     write_metrics(result, a.out)
-    print(f"mIoU {100 * result['miou']:.2f} over {result['num_images']} images -> {a.out}")
+    miou = "undefined (no valid pixel)" if result["miou"] is None else f"{100 * result['miou']:.2f}"
+    print(f"mIoU {miou} over {result['num_images']} images -> {a.out}")
+    if "boundary" in result:
+        b = result["boundary"]
+        shown = " ".join(f"{k[0].upper()} {'n/a' if b[k] is None else f'{100 * b[k]:.2f}'}"
+                         for k in ("precision", "recall", "f1"))
+        print(f"boundary (tolerance {b['tolerance']:g} px): {shown}")
 
 
 def cmd_summary(a):
@@ -190,6 +197,56 @@ def add_segmentation_commands(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+# --- report: tables and figures of the paper's evaluation (eps/report.py) ---
+
+def cmd_report_tables(a):
+    from eps.report import write_tables
+
+    write_tables(a.summary, a.out, a.html)
+
+
+def cmd_report_figures(a):
+    from eps.config import load_params
+    from eps.report import REPORT_DEFAULTS, _parse_named, make_figures
+
+    predict = None
+    if a.predict_params:
+        from eps.segment import PREDICT_DEFAULTS
+
+        predict = load_params(a.predict_params, PREDICT_DEFAULTS, "predict")
+    written = make_figures(
+        a.out, index_csv=a.index, split=a.split,
+        metrics=_parse_named(a.metrics, "metrics", 3), train_logs=_parse_named(a.train_log, "train-log"),
+        seg_logs=_parse_named(a.seg_log, "seg-log"), masks=_parse_named(a.masks, "masks"),
+        classifier=a.classifier, segmenter=a.segmenter, saliency_shards=a.saliency or (),
+        params=load_params(a.params, REPORT_DEFAULTS, "report"), predict_params=predict,
+    )
+    print(f"wrote {len(written)} figures to {a.out}")
+
+
+def add_report_commands(sub) -> None:
+    p = sub.add_parser("report-tables", help="markdown (and HTML) tables of summary.csv: mIoU, boundary, confusion")
+    p.add_argument("--summary", required=True, help="summary.csv (eps summary)")
+    p.add_argument("--out", required=True, help="tables.md")
+    p.add_argument("--html", default=None, help="also the tables as an HTML page")
+    p.set_defaults(func=cmd_report_tables)
+
+    p = sub.add_parser("report-figures", help="per-class IoU bars, training curves, qualitative grids (PNG)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--split", required=True, help="split of the pseudo-masks and sampled images")
+    p.add_argument("--metrics", action="append", default=[], help="VARIANT:STAGE:METRICS_JSON (per-class bars)")
+    p.add_argument("--train-log", action="append", default=[], help="NAME:train_log.csv of a classifier")
+    p.add_argument("--seg-log", action="append", default=[], help="NAME:train_log.csv of a segmenter")
+    p.add_argument("--masks", action="append", default=[], help="VARIANT:DIR of pseudo-mask PNGs of --split")
+    p.add_argument("--classifier", default=None, help="classifier.pt of the EPS variant (estimated saliency)")
+    p.add_argument("--segmenter", default=None, help="model.pt of the EPS variant's segmenter")
+    p.add_argument("--saliency", nargs="*", help="saliency HDF5 shards")
+    p.add_argument("--predict-params", default=None, help="segmenter prediction parameters (JSON or file)")
+    p.add_argument("--out", required=True, help="folder of the PNGs")
+    _params(p)
+    p.set_defaults(func=cmd_report_figures)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eps", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="index.csv or classes.json naming classes and contexts")
     p.add_argument("--pairs", default=None, help='JSON list of [context, class] names, e.g. [["rail", "train"]]')
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--boundary-tolerance", type=float, default=None, metavar="PX",
+                   help="also boundary precision / recall / F1 of the class-agnostic edges, matched within PX pixels")
+    p.add_argument("--boundary-gt", default=None, metavar="DIR",
+                   help="ground-truth boundaries: SBD cls/{id}.mat or {id}.png (default: edges of the --gt masks)")
     p.set_defaults(func=cmd_evaluate_masks)
 
     p = sub.add_parser("summary", help="collect metrics.json files into summary.csv")
@@ -268,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_weights)
 
     add_segmentation_commands(sub)
+    add_report_commands(sub)
     return parser
 
 

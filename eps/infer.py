@@ -6,7 +6,10 @@ EPS: softmax over the C+1 channels first, then the same sum. Both are max-normal
 class; a pixel takes the class with the highest normalised map, or background where no map
 exceeds the fixed background threshold (0.20 in the official code).
 
-Images of the same size are batched together (with their flips) at every scale.
+Images of the same size are batched together (with their flips) at every scale. The stage
+resizes the uint8 pixels as the official code does (PIL bicubic, antialiased when shrinking:
+`resize_pixels`), then normalises; the network runs in channels-last memory format under
+`torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -23,33 +26,82 @@ from eps.config import choose_device, set_threads
 from eps.data.index import labels_of, parse_scatteritem, read_classes, read_index, shard_rows, split_rows
 from eps.data.io import atomic_h5, open_h5, read_image, write_index_png
 from eps.errors import EpsError
-from eps.train import load_classifier, normalize
+from eps.train import MEAN, STD, load_classifier
 
 
-@torch.no_grad()
-def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background: bool, amp: bool = False):
+def resize_pixels(pixels: torch.Tensor, size) -> torch.Tensor:
+    """Bicubic resize of uint8 RGB pixels (N, 3, H, W), as the official `PIL.Image.resize(BICUBIC)`.
+
+    On CPU this is torch's uint8 antialiased bicubic, PIL's own filter (a = -0.5, support
+    widened when shrinking, rounding and clipping to uint8 after each pass): it agrees with
+    PIL to at most one grey level. Other devices have no uint8 kernel: the same filter in
+    float32, rounded and clipped once (within a few grey levels of PIL). Returns the
+    input's dtype (float32 0..255 off CPU).
+    """
+    size = tuple(int(v) for v in size)
+    if tuple(pixels.shape[-2:]) == size:
+        return pixels
+    if pixels.device.type == "cpu" and pixels.dtype == torch.uint8:
+        return F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+    out = F.interpolate(pixels.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) RGB (N, 3, H, W) -> float32 with ImageNet statistics (eps.train.normalize)."""
+    mean = torch.as_tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD, device=pixels.device).view(1, 3, 1, 1)
+    # in place on the one new tensor: each fresh large tensor costs page faults on CPU
+    return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+
+@torch.inference_mode()
+def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background: bool, amp: bool = False,
+                    channels=None):
     """Sum of class maps over scales (and flips) at input size: (N, K, H, W) float32.
 
-    `images` is a normalised batch (N, 3, H, W) of equal-size images.
+    `images` is a batch (N, 3, H, W) of equal-size images: uint8 RGB pixels, resized as the
+    official code does (`resize_pixels`) and then normalised, or an already normalised float
+    batch, resized on the tensor (torch bicubic).
+
+    `channels` (indices into the K maps): only these are upsampled and summed, in this
+    order, and the result is (N, len(channels), H, W); the softmax still spans all K.
     """
     n, _, h, w = images.shape
+    pixels = images.dtype == torch.uint8
+    keep = None if channels is None else torch.as_tensor(list(channels), dtype=torch.long, device=images.device)
+    if keep is not None and keep.numel() == 0:  # nothing to compute (unlabelled CAM-baseline images)
+        return torch.zeros((n, 0, h, w), device=images.device)
     total = None
     for s in scales:
         size = (max(1, round(h * s)), max(1, round(w * s)))
-        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+        if pixels:
+            x = normalize_pixels(resize_pixels(images, size))
+        else:
+            x = images if size == (h, w) else F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+        # the images and their flips in one channels-last batch (oneDNN / cuDNN's fast layout:
+        # 1.2x on CPU for ResNet-38), written once
+        batch = torch.empty((2 * n if flip else n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                            memory_format=torch.channels_last)
+        batch[:n] = x
         if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
+            batch[n:] = x.flip(-1)
         with torch.autocast(device_type=x.device.type, enabled=amp):
-            cam = model.forward_cam(x)
-        cam = cam.float()
+            cam = model.forward_cam(batch)
+        cam = cam.float().contiguous()  # softmax over channels runs 2x faster on NCHW than channels-last
         # official: softmax for EPS; ReLU in the CAM baseline's forward_cam (a negative sum
         # would otherwise flip sign under max-normalisation)
         cam = F.softmax(cam, dim=1) if background else F.relu(cam)
-        cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+        if keep is not None:
+            cam = cam.index_select(1, keep)
         if flip:
+            # the official code upsamples each flip, flips back and adds; bilinear upsampling
+            # is linear and commutes with the horizontal flip (its sampling grid is symmetric),
+            # so adding at CAM resolution gives the same sum with half the upsampling
             cam = cam[:n] + cam[n:].flip(-1)
-        total = cam if total is None else total + cam
-    return total
+        cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+        total = cam if total is None else total.add_(cam)
+    return total.contiguous()
 
 
 def normalised_maps(summed: np.ndarray, present: np.ndarray, background: bool):
@@ -60,6 +112,42 @@ def normalised_maps(summed: np.ndarray, present: np.ndarray, background: bool):
         bg = summed[-1:] / max(summed[-1].max(), 1e-5)
         fg = np.concatenate([fg, bg], 0)
     return fg
+
+
+def prepare_model(model, device):
+    """The classifier as inference runs it: on `device`, eval mode, channels-last weights."""
+    return model.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def iter_cams(model, images, labels, params: dict, background: bool, device, amp: bool = False):
+    """Yield `(k, maps, present)` for every image `images[k]` (uint8 RGB (H, W, 3)), in batch order.
+
+    Images of equal size are batched (`params["batch_size"]` at a time, with their flips);
+    `maps` are the float32 max-normalised maps of the labelled classes `present` (0-based,
+    from the multi-hot `labels[k]`) and, with `background`, the background map last.
+    """
+    by_size = defaultdict(list)
+    for k, image in enumerate(images):
+        by_size[image.shape[:2]].append(k)
+    batch_size = int(params["batch_size"])
+    for _, members in sorted(by_size.items()):
+        for b in range(0, len(members), batch_size):
+            chunk = members[b:b + batch_size]
+            # (N, H, W, 3) uint8 viewed as (N, 3, H, W): channels-last, no copy
+            pixels = torch.from_numpy(np.stack([images[k] for k in chunk])).permute(0, 3, 1, 2)
+            # only the maps the shard keeps are upsampled: the labelled classes of the
+            # batch (and the background map, last)
+            wanted = sorted({int(c) for k in chunk for c in np.flatnonzero(labels[k])})
+            if background:
+                wanted.append(int(labels.shape[1]))
+            summed = multiscale_cams(model, pixels.to(device), params["scales"], params["flip"], background, amp,
+                                     channels=wanted)
+            summed = summed.cpu().numpy()
+            where = {c: i for i, c in enumerate(wanted)}
+            for j, k in enumerate(chunk):
+                present = np.flatnonzero(labels[k])
+                local = np.array([where[int(c)] for c in present], np.int64)
+                yield k, normalised_maps(summed[j], local, background), present
 
 
 def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params: dict) -> Path:
@@ -75,30 +163,30 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
         raise EpsError(f"{classifier}: trained for {meta['num_classes']} classes, dataset has {len(info['classes'])}")
     background = bool(meta["background"])
     amp = bool(params["amp"]) and device.type == "cuda"
+    model = prepare_model(model, device)
 
-    images = {i: read_image(p) for i, p in zip(rows["id"], rows["image"])}
-    by_size = defaultdict(list)
-    for k, image_id in enumerate(rows["id"]):
-        by_size[images[image_id].shape[:2]].append(k)
     ids = list(rows["id"])
+    images = [read_image(p) for p in rows["image"]]
     out = Path(out)
     with atomic_h5(out, "eps.cams", info["dataset"]) as f:
-        bar = tqdm(total=len(ids), desc=f"cams {out.name}", mininterval=2)
-        for _, members in sorted(by_size.items()):
-            for b in range(0, len(members), int(params["batch_size"])):
-                chunk = members[b:b + int(params["batch_size"])]
-                batch = torch.from_numpy(np.stack([normalize(images[ids[k]]) for k in chunk])).to(device)
-                summed = multiscale_cams(model, batch, params["scales"], params["flip"], background, amp)
-                summed = summed.cpu().numpy()
-                for j, k in enumerate(chunk):
-                    present = np.flatnonzero(labels[k])
-                    maps = normalised_maps(summed[j], present, background)
-                    ds = f.create_dataset(ids[k], data=maps.astype(np.float16), compression="gzip", compression_opts=1)
-                    ds.attrs["classes"] = present.astype(np.int16)
-                    ds.attrs["background"] = background
-                bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
+            for k, maps, present in iter_cams(model, images, labels, params, background, device, amp):
+                write_cams(f, ids[k], maps, present, background)
+                bar.update(1)
     return out
+
+
+def write_cams(f, image_id: str, maps: np.ndarray, present: np.ndarray, background: bool) -> None:
+    """One image's maps into an open `eps.cams` shard: float16, attributes classes / background.
+
+    Compressed losslessly with gzip 1 after HDF5's byte shuffle (exponent bytes apart from
+    mantissa bytes): about a fifth smaller than gzip alone, at no visible cost in time;
+    readers see the same float16 values.
+    """
+    ds = f.create_dataset(image_id, data=maps.astype(np.float16), compression="gzip", compression_opts=1,
+                          shuffle=True)
+    ds.attrs["classes"] = present.astype(np.int16)
+    ds.attrs["background"] = background
 
 
 def mask_from_maps(maps: np.ndarray, classes: np.ndarray, background: bool, bg_threshold: float) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Segmentation metrics: confusion histograms, mIoU, per-class IoU/precision/recall, and the
-co-occurrence confusion of the EPS paper (Table 2).
+"""Segmentation metrics: confusion histograms, mIoU, per-class IoU/precision/recall, the
+co-occurrence confusion of the EPS paper (Table 2) and boundary precision / recall / F1
+(Table 1; `boundary_scores`, `evaluate_boundaries`).
 
 Conventions follow the official EPS evaluation (`evaluate_png.py`), pinned by
 `../shared/golden/miou_reference.npz`:
@@ -156,7 +157,7 @@ def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
         pred = _read_same_size(Path(pred_dir) / f"{image_id}.png", gt.shape, "prediction")
         hist += confusion(gt, pred, n)
         if pairs:
-            ctx = _read_same_size(Path(context_dir) / f"{image_id}.png", gt.shape, "context")
+            ctx = read_context(context_dir, image_id, gt.shape)
             valid = (gt < n) & (pred < n)
             for j, (k, c, _) in enumerate(pairs):
                 fp[j] += np.count_nonzero(valid & (ctx == k) & (pred == c) & (gt != c))
@@ -168,9 +169,9 @@ def _chunks(ids: list[str], count: int) -> list[list[str]]:
 
 
 def _nan_to_none(x: float):
-    """JSON has no NaN: absent values become null."""
+    """JSON has no NaN or infinity: undefined values (0/0, x/0) become null."""
     x = float(x)
-    return None if math.isnan(x) else x
+    return x if math.isfinite(x) else None
 
 
 def evaluate_masks(
@@ -184,6 +185,8 @@ def evaluate_masks(
     class_names=None,
     context_names=None,
     workers: int = 1,
+    boundary_tolerance=None,
+    boundary_dir=None,
 ) -> dict:
     """Evaluate `{id}.png` predictions against `{id}.png` ground truth over `ids`.
 
@@ -195,7 +198,10 @@ def evaluate_masks(
     pixels of context k predicted as c whose ground truth is not c.
 
     Returns a JSON-ready dict: `miou` (0..1), `per_class`, `num_images`, `num_classes`,
-    `confusion` (one entry per pair) and `hist`; nan values are None.
+    `confusion` (one entry per pair) and `hist`; nan values are None. With
+    `boundary_tolerance` (pixels) also `boundary`: precision / recall / F1 of the
+    class-agnostic edges (`evaluate_boundaries`; `boundary_dir` = SBD `.mat` boundaries).
+    Context masks are `{id}.png` or PASCAL-Context `{id}.mat` (`read_context`).
     """
     n = int(num_classes)
     if n < 1:
@@ -255,6 +261,9 @@ def evaluate_masks(
         ],
         "hist": hist.tolist(),
     }
+    if boundary_tolerance is not None:  # a second pass over the PNGs (evaluate_boundaries)
+        result["boundary"] = evaluate_boundaries(pred_dir, gt_dir, ids, n, tolerance=boundary_tolerance,
+                                                 boundary_dir=boundary_dir, workers=workers)
     return result
 
 
@@ -274,3 +283,253 @@ def write_metrics(result: dict, out_dir) -> None:
     with atomic_path(out_dir / "metrics.json") as tmp_json, atomic_path(out_dir / "per_class.csv") as tmp_csv:
         tmp_json.write_text(text_json)
         tmp_csv.write_text(buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------
+# Context masks: PNG or PASCAL-Context .mat
+
+
+def read_context(context_dir, image_id: str, shape) -> np.ndarray:
+    """The context index mask of `image_id`: `{id}.png` or a PASCAL-Context `{id}.mat`.
+
+    PNG: an index mask (8- or 16-bit, 0 = none, k = context k, 1-based). `.mat`: the
+    `LabelMap` field of PASCAL-Context's `trainval/{id}.mat` (values 1..459, the line number
+    in its labels.txt; pass those names as the dataset's `contexts`). The mask must have
+    the ground truth's size `shape`.
+    """
+    folder = Path(context_dir)
+    png, mat = folder / f"{image_id}.png", folder / f"{image_id}.mat"
+    if png.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(png) as img:
+                wide = img.mode in ("I", "I;16", "I;16B", "I;16L")
+                ctx = np.asarray(img, dtype=np.int32) if wide else None
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise fail(png, f"cannot decode context mask ({type(exc).__name__}: {exc})") from None
+        if ctx is None:
+            ctx = read_index_png(png)
+        path = png
+    elif mat.is_file():
+        ctx = _load_mat_field(mat, ("LabelMap",), "a PASCAL-Context label file")
+        path = mat
+    else:
+        raise fail(png, "file not found (nor a PASCAL-Context .mat beside it)")
+    if ctx.ndim != 2 or ctx.shape != tuple(shape):
+        got = "x".join(str(s) for s in ctx.shape[::-1])
+        raise fail(path, f"context size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
+    return ctx
+
+
+def _load_mat_field(path: Path, fields, what: str):
+    """A field of a MATLAB file (scipy.io.loadmat): a top-level variable, or one of a struct."""
+    import scipy.io
+
+    try:
+        data = scipy.io.loadmat(str(path))
+    except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError, ...
+        raise fail(path, f"not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
+    for name in fields:
+        if name in data:
+            return np.asarray(data[name])
+    names = sorted(k for k in data if not k.startswith("__"))
+    raise fail(path, f"not {what} (no {' or '.join(fields)} variable; has {names})")
+
+
+# ---------------------------------------------------------------------------------------
+# Boundary accuracy (the paper's Table 1)
+#
+# Class-agnostic edges of a label map, matched within a pixel tolerance against the
+# ground-truth boundaries: precision = predicted edge pixels within `tolerance` (Euclidean)
+# of a ground-truth edge / predicted edge pixels, recall = ground-truth edge pixels within
+# `tolerance` of a predicted edge / ground-truth edge pixels; both accumulated over all
+# images (like the confusion histogram), F1 = 2PR / (P + R).
+#
+# Void (values >= num_classes, 255) is no label: edges are taken on the map with void
+# filled by the nearest labelled pixel, so void creates no boundary of its own (a void
+# fragment inside one region gives none, a VOC void band between object and background
+# gives one boundary along its middle), and predicted edges on void ground-truth pixels
+# are neither counted nor penalised.
+
+BOUNDARY_TOLERANCE = 2
+
+
+def mask_edges(mask) -> np.ndarray:
+    """Class-agnostic edges of a label map (bool): pixels with a 4-neighbour of another label.
+
+    This is the paper's Laplacian edge detector (`cv2.Laplacian(mask) != 0`, 4-neighbour
+    kernel) taken per class indicator, so that neighbouring labels cannot cancel in the sum
+    (labels 1 and 3 around a 2): both sides of every label change are edges; the image
+    border is not.
+    """
+    m = np.asarray(mask)
+    edge = np.zeros(m.shape, bool)
+    horizontal = m[:, 1:] != m[:, :-1]
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    vertical = m[1:, :] != m[:-1, :]
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    return edge
+
+
+def fill_void(mask, num_classes: int) -> np.ndarray:
+    """The label map with every void pixel (>= num_classes) given its nearest labelled pixel's label."""
+    from scipy import ndimage
+
+    m = np.asarray(mask)
+    void = m >= num_classes
+    if not void.any() or void.all():
+        return m
+    idx = ndimage.distance_transform_edt(void, return_distances=False, return_indices=True)
+    return m[tuple(idx)]
+
+
+def _distance_to(edges: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every pixel to the nearest edge pixel (inf without edges)."""
+    from scipy import ndimage
+
+    if not edges.any():
+        return np.full(edges.shape, np.inf)
+    return ndimage.distance_transform_edt(~edges)
+
+
+def boundary_counts(pred, gt, num_classes: int, tolerance: float = BOUNDARY_TOLERANCE,
+                    gt_edges=None) -> np.ndarray:
+    """[matched predicted, predicted, matched ground truth, ground truth] edge pixels of one image.
+
+    `pred` and `gt` are label maps of one size (void >= num_classes); `gt_edges` (bool)
+    replaces the edges of `gt` where the dataset gives its own boundaries (SBD).
+    """
+    n = int(num_classes)
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"gt and pred differ in size: {gt.shape} vs {pred.shape}")
+    pred_edges = mask_edges(fill_void(pred, n))
+    if gt_edges is None:
+        gt_edges = mask_edges(fill_void(gt, n))
+    else:
+        gt_edges = np.asarray(gt_edges, bool)
+        if gt_edges.shape != gt.shape:
+            raise ValueError(f"gt edges and gt differ in size: {gt_edges.shape} vs {gt.shape}")
+    counted = pred_edges & (gt < n)  # predicted edges on void ground truth are not judged
+    matched_pred = np.count_nonzero(counted & (_distance_to(gt_edges) <= tolerance))
+    matched_gt = np.count_nonzero(gt_edges & (_distance_to(pred_edges) <= tolerance))
+    return np.array([matched_pred, np.count_nonzero(counted), matched_gt, np.count_nonzero(gt_edges)], np.int64)
+
+
+def boundary_from_counts(counts) -> dict:
+    """Precision, recall and F1 (0..1, None where undefined) from summed `boundary_counts`."""
+    matched_pred, pred, matched_gt, gt = (int(x) for x in counts)
+    precision = matched_pred / pred if pred else math.nan
+    recall = matched_gt / gt if gt else math.nan
+    if precision == 0 or recall == 0:
+        f1 = 0.0  # also when the other is undefined: no edge predicted, or none to find
+    elif math.isnan(precision) or math.isnan(recall):
+        f1 = math.nan
+    else:
+        f1 = 2 * precision * recall / (precision + recall)
+    return {
+        "precision": _nan_to_none(precision), "recall": _nan_to_none(recall), "f1": _nan_to_none(f1),
+        "matched_pred": matched_pred, "pred_edges": pred, "matched_gt": matched_gt, "gt_edges": gt,
+    }
+
+
+def boundary_scores(pred, gt, num_classes: int, tolerance: float = BOUNDARY_TOLERANCE, gt_edges=None) -> dict:
+    """Boundary precision, recall and F1 of one prediction (or of lists of them, accumulated).
+
+    `pred` and `gt` are label maps, or equal-length sequences of them (then the edge pixel
+    counts are summed over all images before dividing, as evaluate_masks does).
+    """
+    if isinstance(pred, (list, tuple)):
+        edges = gt_edges if gt_edges is not None else [None] * len(pred)
+        if not (len(pred) == len(gt) == len(edges)):
+            raise ValueError("pred, gt (and gt_edges) need the same number of images")
+        counts = sum((boundary_counts(p, g, num_classes, tolerance, e) for p, g, e in zip(pred, gt, edges)),
+                     np.zeros(4, np.int64))
+    else:
+        counts = boundary_counts(pred, gt, num_classes, tolerance, gt_edges)
+    return {"tolerance": float(tolerance), **boundary_from_counts(counts)}
+
+
+def read_gt_boundaries(boundary_dir, image_id: str, shape) -> np.ndarray:
+    """Dataset boundaries of `image_id` (bool): SBD `cls/{id}.mat` or a PNG `{id}.png` (non-zero = edge).
+
+    SBD: the union over classes of the `GTcls` struct's `Boundaries` (one sparse map per
+    class); a file without `Boundaries` falls back to the edges of its `Segmentation`.
+    """
+    folder = Path(boundary_dir)
+    mat, png = folder / f"{image_id}.mat", folder / f"{image_id}.png"
+    if mat.is_file():
+        edges = _sbd_boundaries(mat)
+        path = mat
+    elif png.is_file():
+        edges = read_index_png(png) != 0
+        path = png
+    else:
+        raise fail(mat, "file not found (SBD cls/{id}.mat or a boundary PNG {id}.png)")
+    if edges.shape != tuple(shape):
+        got = "x".join(str(s) for s in edges.shape[::-1])
+        raise fail(path, f"boundary size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
+    return edges
+
+
+def _sbd_boundaries(path: Path) -> np.ndarray:
+    struct = _load_mat_field(path, ("GTcls", "GTinst"), "an SBD annotation")
+    try:
+        record = struct.reshape(-1)[0]
+        names = record.dtype.names or ()
+        if "Boundaries" in names:
+            cells = np.asarray(record["Boundaries"], dtype=object).reshape(-1)
+            edges = None
+            for cell in cells:
+                cell = cell.toarray() if hasattr(cell, "toarray") else np.asarray(cell)
+                edges = cell != 0 if edges is None else edges | (cell != 0)
+            if edges is not None:
+                return edges
+        if "Segmentation" in names:
+            return mask_edges(np.asarray(record["Segmentation"]))
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise fail(path, f"unexpected SBD struct layout ({type(exc).__name__}: {exc})") from None
+    raise fail(path, "SBD struct has neither Boundaries nor Segmentation")
+
+
+def _boundary_job(job) -> np.ndarray:
+    """Summed boundary counts over a chunk of ids (a Pool task)."""
+    pred_dir, gt_dir, ids, n, tolerance, boundary_dir = job
+    counts = np.zeros(4, np.int64)
+    for image_id in ids:
+        gt = read_index_png(Path(gt_dir) / f"{image_id}.png")
+        pred = _read_same_size(Path(pred_dir) / f"{image_id}.png", gt.shape, "prediction")
+        edges = read_gt_boundaries(boundary_dir, image_id, gt.shape) if boundary_dir else None
+        counts += boundary_counts(pred, gt, n, tolerance, edges)
+    return counts
+
+
+def evaluate_boundaries(pred_dir, gt_dir, ids, num_classes: int, *, tolerance: float = BOUNDARY_TOLERANCE,
+                        boundary_dir=None, workers: int = 1) -> dict:
+    """Boundary precision / recall / F1 of `{id}.png` predictions over `ids` (one pass, `workers` processes).
+
+    Ground-truth boundaries: `boundary_dir` (SBD `.mat` or boundary PNGs) when given, else
+    the edges of the ground-truth masks in `gt_dir`.
+    """
+    if tolerance < 0:
+        raise EpsError(f"boundary_tolerance: must be >= 0, got {tolerance}")
+    ids = [str(i) for i in ids]
+    workers = max(1, int(workers))
+    jobs = [(pred_dir, gt_dir, chunk, int(num_classes), float(tolerance), boundary_dir)
+            for chunk in _chunks(ids, workers * 4)]
+    counts = np.zeros(4, np.int64)
+    if workers == 1 or len(jobs) <= 1:
+        for c in map(_boundary_job, jobs):
+            counts += c
+    else:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ctx.Pool(min(workers, len(jobs))) as pool:
+            for c in pool.imap_unordered(_boundary_job, jobs):
+                counts += c
+    source = "boundaries" if boundary_dir else "masks"
+    return {"tolerance": float(tolerance), "source": source, **boundary_from_counts(counts)}

@@ -1,4 +1,10 @@
-"""Collecting the metrics.json of every (variant, stage) into one summary.csv table."""
+"""Collecting the metrics.json of every (variant, stage) into one summary.csv table.
+
+Columns: `variant`, `stage`, `miou` (%); `boundary_precision`, `boundary_recall`,
+`boundary_f1` (%, when some metrics.json has a `boundary` entry); for each co-occurrence
+pair `confusion:<context>-><class>` (m = FP / TP) followed by `iou:<class>` (%, the IoU of
+the pair's class, once per class) when the metrics carry it.
+"""
 
 from __future__ import annotations
 
@@ -31,26 +37,43 @@ def _cell(x) -> str:
     return repr(float(x))
 
 
+def _percent(x):
+    return None if x is None else 100.0 * float(x)
+
+
 def collect_summary(entries, out_csv) -> list[dict]:
-    """Write summary.csv: variant, stage, miou (percent), one `confusion:<pair>` column per pair.
+    """Write summary.csv: variant, stage, miou (percent), boundary P/R/F1 (percent), one
+    `confusion:<pair>` column per pair and `iou:<class>` (percent) of the pair's class.
 
     `entries` is a list of (variant, stage, metrics.json path). Pair columns appear in
-    the order first met; a row without a pair leaves the cell empty. Returns the rows.
+    the order first met, each followed by its class's IoU column; a row without a pair (or
+    without boundary scores) leaves the cell empty. Returns the rows.
     """
     rows = []
     pair_columns: list[str] = []
+    boundary = False
     for variant, stage, path in entries:
         data = _read_metrics(Path(path))
         miou = data["miou"]
-        row = {"variant": str(variant), "stage": str(stage), "miou": None if miou is None else 100.0 * miou}
+        row = {"variant": str(variant), "stage": str(stage), "miou": _percent(miou)}
+        if isinstance(data.get("boundary"), dict):
+            boundary = True
+            for key in ("precision", "recall", "f1"):
+                row[f"boundary_{key}"] = _percent(data["boundary"].get(key))
         for item in data.get("confusion", []):
             column = f"confusion:{item['pair']}"
             if column not in pair_columns:
                 pair_columns.append(column)
             row[column] = item.get("m")
+            if "class_iou" in item:
+                iou_column = f"iou:{str(item['pair']).split('->')[-1]}"
+                if iou_column not in pair_columns:
+                    pair_columns.append(iou_column)
+                row[iou_column] = _percent(item["class_iou"])
         rows.append(row)
 
-    columns = ["variant", "stage", "miou", *pair_columns]
+    boundary_columns = ["boundary_precision", "boundary_recall", "boundary_f1"] if boundary else []
+    columns = ["variant", "stage", "miou", *boundary_columns, *pair_columns]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)

@@ -52,10 +52,15 @@ def test_lint_is_clean():
     assert "Congratulations" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("configfile", ["config.yaml", "configs/voc12.yaml", "configs/coco14.yaml"])
+# configs/ablation_*.yaml are overlays of config.yaml (passed after it)
+CONFIGS = ["config.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("configfile", CONFIGS)
 def test_dry_run_builds_the_dag(configfile, tmp_path):
+    files = ["config.yaml", configfile] if Path(configfile).name.startswith("ablation_") else [configfile]
     proc = _snakemake(["-n", "--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-                       "--configfile", str(ROOT / configfile)])
+                       "--configfile", *(str(ROOT / f) for f in files)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "train_classifier" in out and "evaluate_masks" in out
@@ -79,6 +84,9 @@ def tiny_config(tmp_path, **overrides):
     cfg["infer"].update({"scales": [1.0, 0.5]})
     cfg["segmenter"].update({"iterations": 4, "batch_size": 4, "crop": 48, "checkpoint_every": 2})
     cfg["segmenter"]["predict"].update({"scales": [1.0]})
+    # the baseline and EPS: the ablation variants of config.yaml differ only in classifier keys
+    cfg["variants"] = {name: cfg["variants"][name] for name in ("cam", "eps")}
+    cfg["report"] = {"sample": 2, "seed": 0}
     cfg.update(overrides)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -139,6 +147,15 @@ def test_tiny_end_to_end_run(tmp_path):
     check_outputs(results, list(cfg["variants"]), 16)
     summary = pd.read_csv(results / "summary.csv")
     assert any(c.startswith("confusion:") for c in summary.columns)
+    assert {"boundary_precision", "boundary_recall", "boundary_f1", "iou:train"} <= set(summary.columns)
+    # the report's tables and figures, and the HTML report of `snakemake --report`
+    assert "## Boundary accuracy (%)" in (results / "tables.md").read_text()
+    figures = {p.relative_to(results / "report").as_posix() for p in (results / "report").rglob("*.png")}
+    assert {"qualitative.png", "variants.png", "training_curves.png", "per_class/eps_crf.png"} <= figures
+    report = _snakemake(["-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(config),
+                         "--report", str(results / "report.html")])
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert "2. Qualitative" in (results / "report.html").read_text()
     # A second run has nothing to do.
     again = _snakemake(["-n", "--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                         "--configfile", str(config)])

@@ -97,6 +97,13 @@ def png_for(folder: Path | None, id_: str):
     return folder / f"{id_}.png" if folder and (folder / f"{id_}.png").is_file() else ""
 
 
+def context_for(folder: Path | None, id_: str):
+    """A context mask: `folder/<id>.png`, or PASCAL-Context's `folder/<id>.mat` (LabelMap), else ""."""
+    if folder and (folder / f"{id_}.mat").is_file() and not (folder / f"{id_}.png").is_file():
+        return folder / f"{id_}.mat"
+    return png_for(folder, id_)
+
+
 def read_voc(root, splits: dict, *, mask_dir=None, saliency_dir=None, context_dir=None,
              labels_file=None, image_dir="JPEGImages", image_ext=".jpg", classes=None,
              num_classes=None) -> tuple[list[dict], list[str]]:
@@ -148,10 +155,11 @@ def read_voc(root, splits: dict, *, mask_dir=None, saliency_dir=None, context_di
                 why = [f"not in {label_path}"] if label_path else []
                 why.append(f"no mask in {masks}" if masks else "no mask folder")
                 raise fail(list_path, f"id {id_!r}: no labels ({', '.join(why)})")
-            rows[id_] = make_row(id_, image, mask, png_for(saliency, id_), png_for(context, id_),
+            rows[id_] = make_row(id_, image, mask, png_for(saliency, id_), context_for(context, id_),
                                  labels, [split])
 
     for folder, column in ((saliency, "saliency"), (context, "context")):
         if folder and not any(r[column] for r in rows.values()):
-            raise fail(folder, f"no {column} PNG for any listed id (expected <id>.png)")
+            expected = "<id>.png or PASCAL-Context <id>.mat" if column == "context" else "<id>.png"
+            raise fail(folder, f"no {column} file for any listed id (expected {expected})")
     return list(rows.values()), classes

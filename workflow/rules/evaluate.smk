@@ -1,7 +1,17 @@
 # Evaluation against ground truth of every mask-producing stage, and the summary across variants.
+# Every evaluation has mIoU, per-class scores, the co-occurrence confusion (with context masks)
+# and boundary precision / recall / F1 (evaluation.boundary_tolerance, boundary_dir).
 # Stages (wildcard {stage}): pseudo_masks, crf (CRF-refined pseudo-masks), segmenter and
 # segmenter_crf (segmenter predictions, without / with CRF); STAGE_DIRS (segment.smk) says
 # where each keeps its PNGs.
+
+
+# evaluate-masks options for boundary precision / recall / F1 (the paper's Table 1)
+BOUNDARY_ARGS = f"--boundary-tolerance {config['evaluation']['boundary_tolerance']}" + (
+    f" --boundary-gt {Path(dataset_root()) / config['evaluation']['boundary_dir']}"
+    if config["evaluation"].get("boundary_dir")
+    else ""
+)
 
 
 rule evaluate_masks:
@@ -16,6 +26,7 @@ rule evaluate_masks:
         gt=gt_dir(),
         num_classes=lambda w, input: len(json.load(open(input.classes))["classes"]) + 1,
         context=context_args(),
+        boundary=BOUNDARY_ARGS,
         out=subpath(output.metrics, parent=True),
         code=code_hash(*COMMON_CODE, "eps/metrics.py"),
     wildcard_constraints:
@@ -31,7 +42,7 @@ rule evaluate_masks:
         "../../envs/eps.yaml"
     shell:
         "eps evaluate-masks --pred {input.pred} --gt {params.gt} --ids {input.ids} "
-        "--num-classes {params.num_classes} --classes {input.classes} {params.context} "
+        "--num-classes {params.num_classes} --classes {input.classes} {params.context} {params.boundary} "
         "--workers {threads} --out {params.out} > {log} 2>&1"
 
 
@@ -50,7 +61,7 @@ rule summary:
     input:
         [f"{RESULTS}/{v}/{stage}/{split}/metrics.json" for v, stage, split in SUMMARY_ENTRIES],
     output:
-        f"{RESULTS}/summary.csv",
+        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="1. Tables"),
     params:
         entries=" ".join(
             f"--entry {v}:{stage}:{RESULTS}/{v}/{stage}/{split}/metrics.json"

@@ -1,0 +1,71 @@
+"""The benchmark scripts (bench/) still run: each with --quick on tiny inputs prints its summary line.
+
+The figures themselves are not checked here (timings on a shared test machine mean
+nothing); only that every script runs end to end and ends with ``SUMMARY <name>: ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def run_script(name: str, *args: str, timeout: int = 120) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"bench/{name}.py failed:\n{proc.stdout}\n{proc.stderr}"
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, f"bench/{name}.py printed nothing"
+    assert lines[-1].startswith(f"SUMMARY {name}:"), f"last line of bench/{name}.py: {lines[-1]!r}"
+    return proc.stdout
+
+
+def test_the_benchmarks_of_docs_benchmarks_md_exist():
+    scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
+    assert {"infer_cams", "evaluate_masks", "crf", "train_step", "disk", "ceiling"} <= scripts
+
+
+def test_infer_cams_quick():
+    out = run_script("infer_cams")
+    assert "mask agreement" in out and "official loop" in out
+
+
+def test_evaluate_masks_quick(tmp_path):
+    out = run_script("evaluate_masks", "--limit", "24", "--repeats", "1", "--no-single", "--cache", str(tmp_path))
+    assert "SUMMARY evaluate_masks:" in out
+    if "skipped" not in out.splitlines()[-1]:
+        assert "histograms identical: True" in out
+
+
+def test_evaluate_masks_skips_without_data(tmp_path):
+    out = run_script("evaluate_masks", "--gt-root", str(tmp_path / "absent"), "--cache", str(tmp_path))
+    assert out.splitlines()[-1].startswith("SUMMARY evaluate_masks: skipped")
+
+
+def test_crf_quick():
+    out = run_script("crf")
+    if "skipped" not in out.splitlines()[-1]:
+        assert "masks identical across paths: True" in out
+
+
+def test_train_step_quick():
+    out = run_script("train_step")
+    assert "peak RSS" in out
+
+
+def test_disk_quick():
+    out = run_script("disk")
+    assert "official .npy" in out
+
+
+def test_ceiling_quick():
+    out = run_script("ceiling")
+    assert "GFLOP/s" in out
