@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from eps.config import choose_device, set_threads, write_json
@@ -43,7 +43,7 @@ from eps.data.index import parse_scatteritem, read_classes, read_index, shard_ro
 from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
 from eps.models.deeplab import SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
-from eps.train import _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr
+from eps.train import PositionSamples, _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr
 
 IGNORE = 255
 SERVER_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
@@ -117,7 +117,7 @@ def augment_pair(image, label, rng, scale_range, crop):
     return image, label
 
 
-class SegSamples(Dataset):
+class SegSamples(PositionSamples):
     """Sample number p of the run (p = iteration * batch + slot): image + pseudo-mask, augmented."""
 
     def __init__(self, images, masks, num_classes: int, params: dict):
@@ -125,15 +125,7 @@ class SegSamples(Dataset):
         self.masks = list(masks)
         self.num_classes = num_classes
         self.p = params
-
-    def __len__(self):
-        return 1 << 62
-
-    def _index(self, position: int) -> int:
-        n = len(self.images)
-        epoch, offset = divmod(position, n)
-        order = np.random.default_rng([self.p["seed"], epoch]).permutation(n)
-        return int(order[offset])
+        self.num_items = len(self.images)
 
     def __getitem__(self, position: int):
         i = self._index(position)

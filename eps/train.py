@@ -68,8 +68,26 @@ class SaliencyStore:
         return state
 
 
-class TrainSamples(Dataset):
-    """Sample number p of the whole run (p = iteration * batch + slot), augmented deterministically."""
+class PositionSamples(Dataset):
+    """Samples addressed by their position p in the whole run (p = iteration * batch + slot).
+
+    The image at position p is a pure function of (seed, p): a seeded permutation per epoch,
+    so a resumed run draws exactly the samples an uninterrupted run would.
+    """
+
+    num_items: int
+
+    def __len__(self):
+        return 1 << 62
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_items)
+        order = np.random.default_rng([self.p["seed"], epoch]).permutation(self.num_items)
+        return int(order[offset])
+
+
+class TrainSamples(PositionSamples):
+    """Classifier samples: image, image-level labels and (EPS) saliency, augmented deterministically."""
 
     def __init__(self, rows, labels, saliency: SaliencyStore | None, params: dict):
         self.ids = list(rows["id"])
@@ -77,15 +95,7 @@ class TrainSamples(Dataset):
         self.labels = labels.astype(np.float32)
         self.saliency = saliency
         self.p = params
-
-    def __len__(self):
-        return 1 << 62
-
-    def _index(self, position: int) -> int:
-        n = len(self.ids)
-        epoch, offset = divmod(position, n)
-        order = np.random.default_rng([self.p["seed"], epoch]).permutation(n)
-        return int(order[offset])
+        self.num_items = len(self.ids)
 
     def __getitem__(self, position: int):
         i = self._index(position)
