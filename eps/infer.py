@@ -102,7 +102,8 @@ def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background:
         if flip:
             batch[n:] = x.flip(-1)
         with torch.autocast(device_type=x.device.type, enabled=amp):
-            cam = torch.cat([model.forward_cam(part) for part in _forward_parts(batch)], 0)
+            parts = _forward_parts(batch)
+            cam = model.forward_cam(batch) if len(parts) == 1 else torch.cat([model.forward_cam(q) for q in parts], 0)
         cam = cam.float().contiguous()  # softmax over channels runs 2x faster on NCHW than channels-last
         # official: softmax for EPS; ReLU in the CAM baseline's forward_cam (a negative sum
         # would otherwise flip sign under max-normalisation)
