@@ -43,7 +43,8 @@ from eps.data.index import parse_scatteritem, read_classes, read_index, shard_ro
 from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
 from eps.models.deeplab import SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
-from eps.train import PositionSamples, _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr
+from eps.train import (PositionSamples, _save_checkpoint, _truncate_log, _unwrap_worker_errors, make_optimizer,
+                       normalize, set_poly_lr)
 
 IGNORE = 255
 SERVER_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
@@ -169,28 +170,6 @@ def _run_key(params: dict, ids, classes, dataset: str, masks_digest: str, init_d
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = "") -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "iteration": iteration, "run": run}, tmp)
-
-
-def _truncate_log(log_path: Path, iteration: int) -> None:
-    """Keep the complete log rows 1..`iteration` (a killed run may leave a partial line)."""
-    if not log_path.exists():
-        return
-    rows = []
-    with open(log_path, newline="") as f:
-        for r in csv.DictReader(f):
-            if len(rows) == iteration or r.get("iteration") != str(len(rows) + 1) or None in r.values():
-                break
-            rows.append(r)
-    with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def check_train_params(params: dict) -> None:
     if params["model"] not in SEGMENTERS:
         raise EpsError(f"segmenter.model: unknown value {params['model']!r} (allowed: {', '.join(SEGMENTERS)})")
@@ -268,7 +247,7 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
-        _truncate_log(log_path, start)
+        _truncate_log(log_path, start, LOG_FIELDS)
         print(f"resuming from {ckpt} at iteration {start}", flush=True)
     elif log_path.exists():
         log_path.unlink()

@@ -462,7 +462,7 @@ def _unwrap_worker_errors(loader):
         yield item
 
 
-def _truncate_log(log_path: Path, iteration: int) -> None:
+def _truncate_log(log_path: Path, iteration: int, fields=LOG_FIELDS) -> None:
     """Keep the log rows 1..`iteration` of the checkpoint a run resumes from.
 
     The file may end in a partly written line (a killed process flushes mid-line), so rows
@@ -477,7 +477,7 @@ def _truncate_log(log_path: Path, iteration: int) -> None:
                 break
             rows.append(r)
     with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
