@@ -12,6 +12,8 @@ from pathlib import Path
 
 from eps.errors import EpsError
 
+SALIENCY_METHODS = ("classical", "usps", "pfan", "dss", "precomputed")  # eps.saliency.METHODS, without importing it
+
 
 def _params(p):
     p.add_argument("--params", default=None, help="stage parameters: a JSON string or a JSON/YAML file")
@@ -39,9 +41,38 @@ def cmd_index(a):
 
 
 def cmd_saliency(a):
-    from eps.saliency import extract_shard
+    from eps.saliency import extract_shard, predict_folder
 
-    extract_shard(a.index, a.method, a.shard, a.out, strict=a.strict)
+    if (a.index is None) == (a.images is None):
+        raise EpsError("saliency: give exactly one of --index (an HDF5 shard) or --images DIR (PNGs)")
+    if a.images is not None:
+        count = predict_folder(a.method, a.images, a.out, weights=a.weights, device=a.device)
+        print(f"{count} saliency maps -> {a.out}")
+    else:
+        extract_shard(a.index, a.method, a.shard, a.out, strict=a.strict, weights=a.weights, device=a.device)
+
+
+def cmd_train_saliency(a):
+    from eps.config import load_params
+    from eps.saliency import train
+
+    if (a.index is None) == (a.images is None):
+        raise EpsError("train-saliency: give exactly one of --index (with --split) or --images DIR")
+    if a.method == "usps":
+        from eps.saliency.usps import TRAIN_DEFAULTS
+    else:
+        from eps.saliency.supervised import TRAIN_DEFAULTS
+    params = load_params(a.params, TRAIN_DEFAULTS, f"{a.method} training")
+    train(a.method, a.out, images=a.images, masks_dir=a.masks, index_csv=a.index, split=a.split,
+          params=params, device=a.device)
+
+
+def cmd_eval_saliency(a):
+    from eps.saliency.metrics import evaluate_dirs, write_json
+
+    result = evaluate_dirs(a.pred, a.gt)
+    write_json(result, a.out)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
 def cmd_train_classifier(a):
@@ -261,13 +292,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("saliency", help="write one HDF5 shard of saliency maps")
-    p.add_argument("--index", required=True)
-    p.add_argument("--method", default="precomputed", choices=["precomputed"])
+    p = sub.add_parser("saliency", help="saliency maps: one HDF5 shard (--index) or PNGs of a folder (--images)")
+    p.add_argument("--index", default=None, help="index.csv of a workflow run: write one HDF5 shard")
+    p.add_argument("--images", default=None, help="a folder of images: write one uint8 PNG per image into --out")
+    p.add_argument("--method", default="classical", choices=list(SALIENCY_METHODS))
+    p.add_argument("--weights", default=None, help="weights file (usps, pfan, dss)")
+    p.add_argument("--device", default="auto")
     p.add_argument("--shard", default="1-of-1", help="which shard, as I-of-N")
-    p.add_argument("--strict", action="store_true", help="a map of another size than its image is an error")
-    p.add_argument("--out", required=True)
+    p.add_argument("--strict", action="store_true", help="precomputed: a map of another size than its image is an error")
+    p.add_argument("--out", required=True, help="the shard (.h5) or the output folder")
     p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("train-saliency", help="train usps (images only) or pfan / dss (images + masks)")
+    p.add_argument("--method", required=True, choices=["usps", "pfan", "dss"])
+    p.add_argument("--images", default=None, help="a folder of images (DUTS layout: *.jpg)")
+    p.add_argument("--masks", default=None, help="pfan / dss: a folder of masks with the images' stems (*.png)")
+    p.add_argument("--index", default=None, help="usps: the images of a workflow run's index.csv")
+    p.add_argument("--split", default="train", help="with --index: the split whose images train usps")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="the trained weights file")
+    _params(p)
+    p.set_defaults(func=cmd_train_saliency)
+
+    p = sub.add_parser("eval-saliency", help="MAE, adaptive and max F-measure, S-measure of saliency PNGs")
+    p.add_argument("--pred", required=True, help="folder of predicted maps (PNG)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG, non-zero = salient)")
+    p.add_argument("--out", required=True, help="JSON file")
+    p.set_defaults(func=cmd_eval_saliency)
 
     p = sub.add_parser("train-classifier", help="train the CAM baseline or the EPS classifier")
     p.add_argument("--index", required=True)

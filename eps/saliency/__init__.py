@@ -1,30 +1,137 @@
-"""Saliency stage: one HDF5 shard of uint8 saliency maps (H x W, image size) per job.
+"""Saliency stage: uint8 saliency maps (H x W, image size) per image, from one of five methods.
 
-Methods: `precomputed` (a folder of PNGs, as the official EPS release distributes them).
+- `classical`: training-free priors (boundary connectivity, colour contrast, centre); CPU.
+- `usps`: unsupervised, a small network self-trained on the dataset's own images from fused
+  priors (DeepUSPS-style); trained by `eps train-saliency --method usps`.
+- `pfan`, `dss`: the published VGG16 detectors, from the authors' weights or trained on a
+  saliency dataset (`eps train-saliency`).
+- `precomputed`: a folder of PNGs, as the official EPS release distributes them.
+
+Every method but `precomputed` is a predictor `rgb uint8 H x W x 3 -> uint8 H x W`
+(`get_predictor`), used alike by the workflow (HDF5 shards) and by folders of images.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows
-from eps.data.io import atomic_h5
+import numpy as np
+
 from eps.errors import EpsError
 
-METHODS = ("precomputed",)
+METHODS = ("classical", "usps", "pfan", "dss", "precomputed")
+NETWORK_METHODS = ("usps", "pfan", "dss")  # GPU-tagged in the workflow
+TRAINABLE = ("usps", "pfan", "dss")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = False) -> Path:
-    """Write the saliency maps of one shard of all indexed images to `out`."""
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise EpsError(f"saliency.method: unknown method {method!r}; available: {list(METHODS)}")
-    from eps.saliency.precomputed import load_map
 
+
+def get_predictor(method: str, weights=None, device="cpu"):
+    """The callable `rgb -> uint8 map` of a method (each module's `load_predictor`)."""
+    check_method(method)
+    if method == "precomputed":
+        raise EpsError("saliency.method: 'precomputed' reads maps from files; it has no predictor")
+    module = importlib.import_module(f"eps.saliency.{method}")
+    return module.load_predictor(weights, device=str(device))
+
+
+def _device(device: str):
+    from eps.config import choose_device, set_threads
+
+    set_threads()
+    return choose_device(device)
+
+
+def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = False,
+                  weights=None, device: str = "auto", progress: bool = True) -> Path:
+    """Write the saliency maps of one shard of all indexed images to `out` (HDF5)."""
+    from tqdm import tqdm
+
+    from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows
+    from eps.data.io import atomic_h5, read_image
+
+    check_method(method)
     index = read_index(index_csv)
     dataset = read_classes(index_csv)["dataset"]
     rows = shard_rows(index, *parse_scatteritem(scatteritem))
+    if method == "precomputed":
+        from eps.saliency.precomputed import load_map
+
+        def saliency_of(image_id, image, sal):
+            return load_map(image_id, image, sal, strict)
+    else:
+        predict = get_predictor(method, weights, _device(device))
+
+        def saliency_of(image_id, image, sal):
+            return predict(read_image(image))
+
     with atomic_h5(out, "eps.saliency", dataset) as f:
         f.attrs["method"] = method
-        for image_id, image, sal in zip(rows["id"], rows["image"], rows["saliency"]):
-            f.create_dataset(image_id, data=load_map(image_id, image, sal, strict), compression="gzip", compression_opts=1)
+        items = zip(rows["id"], rows["image"], rows["saliency"])
+        for image_id, image, sal in tqdm(items, total=len(rows), desc=f"saliency {method}",
+                                         disable=not progress, mininterval=5):
+            f.create_dataset(image_id, data=saliency_of(image_id, image, sal), compression="gzip", compression_opts=1)
     return Path(out)
+
+
+def list_images(folder) -> list[Path]:
+    """The images of a folder (sorted), or a one-line error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EpsError(f"{folder}: not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise EpsError(f"{folder}: no images (*.jpg, *.png, *.bmp)")
+    return images
+
+
+def predict_folder(method: str, images_dir, out_dir, weights=None, device: str = "auto",
+                   progress: bool = True) -> int:
+    """One uint8 PNG per image of `images_dir` in `out_dir` (same stem); returns the count.
+
+    Each map is written atomically, so an interrupted run leaves only complete PNGs.
+    """
+    from tqdm import tqdm
+
+    from eps.data.io import read_image, write_gray_png
+
+    images = list_images(images_dir)
+    predict = get_predictor(method, weights, _device(device))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
+        sal = predict(read_image(path))
+        write_gray_png(out_dir / f"{path.stem}.png", np.asarray(sal, np.uint8))
+    return len(images)
+
+
+def train(method: str, out, images=None, masks_dir=None, index_csv=None, split: str = "train",
+          params=None, device: str = "auto", progress: bool = True) -> Path:
+    """Train a saliency network: `usps` on images alone, `pfan` / `dss` on images + masks.
+
+    Images come from a folder (`images`) or from the index of a workflow run (`index_csv`,
+    `split`).
+    """
+    if method not in TRAINABLE:
+        raise EpsError(f"--method: {method!r} cannot be trained; trainable: {list(TRAINABLE)}")
+    dev = _device(device)
+    if method == "usps":
+        from eps.saliency import usps
+
+        if index_csv is not None:
+            from eps.data.index import read_index, split_rows
+
+            paths = [str(p) for p in split_rows(read_index(index_csv), split)["image"]]
+        else:
+            paths = [str(p) for p in list_images(images)]
+        return usps.train(paths, out, params, device=str(dev), progress=progress)
+    if images is None or masks_dir is None:
+        raise EpsError(f"--method {method}: needs --images DIR and --masks DIR (DUTS layout)")
+    from eps.saliency import supervised
+
+    return supervised.train(method, images, masks_dir, out, params or {}, device=str(dev), progress=progress)

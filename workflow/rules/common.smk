@@ -88,6 +88,18 @@ def saliency_shards():
     return scatter.shard(f"{RESULTS}/saliency/{SAL_METHOD}/shard-{{scatteritem}}.h5")
 
 
+def saliency_weights(wildcards):
+    """usps: the model self-trained by rule train_saliency; pfan / dss: the configured file."""
+    if wildcards.method == "usps":
+        return [f"{RESULTS}/saliency/usps/model.pt"]
+    if wildcards.method in ("pfan", "dss"):
+        weights = config["saliency"].get("weights")
+        if not weights:
+            raise ValueError(f"saliency.weights: method {wildcards.method} needs a weights file")
+        return [weights]
+    return []
+
+
 def context_args():
     """evaluate-masks options for the co-occurrence confusion, when the dataset has context masks."""
     ctx = context_dir()

@@ -1,14 +1,45 @@
-# Saliency maps, sharded by image.
+# Saliency maps, sharded by image. `usps` first self-trains its network on the dataset's own
+# training images (rule train_saliency); `pfan` / `dss` read the weights file of the config.
+
+
+rule train_saliency:
+    input:
+        index=f"{RESULTS}/index.csv",
+    output:
+        f"{RESULTS}/saliency/usps/model.pt",
+    params:
+        train=as_json(config["saliency"]["train"]),
+        split=config["train_split"],
+        device=config["device"],
+        code=code_hash(*COMMON_CODE, "eps/saliency"),
+    threads: config["threads"]["train"]
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/saliency/train_usps.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/saliency/train_usps.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "EPS_THREADS={threads} eps train-saliency --method usps --index {input.index} --split {params.split} "
+        "--params '{params.train}' --device {params.device} --out {output} > {log} 2>&1"
 
 
 rule saliency:
     input:
         index=f"{RESULTS}/index.csv",
+        weights=saliency_weights,
     output:
         f"{RESULTS}/saliency/{{method}}/shard-{{scatteritem}}.h5",
     params:
         strict="--strict" if config["saliency"]["strict"] else "",
+        weights=lambda w, input: f"--weights {input.weights}" if input.weights else "",
+        device=config["device"],
         code=code_hash(*COMMON_CODE, "eps/saliency"),
+    threads: config["threads"]["infer"]
+    resources:
+        gpu=lambda w: 1 if w.method in ("usps", "pfan", "dss") else 0,
     log:
         f"{RESULTS}/logs/saliency/{{method}}/shard-{{scatteritem}}.log",
     benchmark:
@@ -16,5 +47,6 @@ rule saliency:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps saliency --index {input.index} --method {wildcards.method} --shard {wildcards.scatteritem} "
+        "EPS_THREADS={threads} eps saliency --index {input.index} --method {wildcards.method} "
+        "--shard {wildcards.scatteritem} {params.weights} --device {params.device} "
         "{params.strict} --out {output} > {log} 2>&1"
