@@ -29,7 +29,7 @@ def run_script(name: str, *args: str, timeout: int = 120) -> str:
 
 def test_the_benchmarks_of_docs_benchmarks_md_exist():
     scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
-    assert {"infer_cams", "evaluate_masks", "crf", "train_step", "disk", "ceiling"} <= scripts
+    assert {"infer_cams", "evaluate_masks", "crf", "train_step", "disk", "ceiling", "saliency_ecssd"} <= scripts
 
 
 def test_infer_cams_quick():
@@ -68,3 +68,9 @@ def test_disk_quick():
 def test_ceiling_quick():
     out = run_script("ceiling")
     assert "GFLOP/s" in out
+
+
+def test_saliency_ecssd_quick():
+    out = run_script("saliency_ecssd")
+    if "skipped" not in out.splitlines()[-1]:
+        assert "centre prior" in out and "classical" in out

@@ -69,20 +69,23 @@ def truncate(path: Path, fraction: float) -> None:
 # ---------------------------------------------------------------------------- corrupt images
 
 
-def test_corrupt_image_in_the_saliency_stage(indexed):
+@pytest.mark.parametrize("method", ["precomputed", "classical"])
+def test_corrupt_image_in_the_saliency_stage(indexed, method):
     image = indexed["data"] / "JPEGImages" / f"{ID}.jpg"
     image.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     out = indexed["root"] / "sal" / "shard-1-of-1.h5"
-    proc = eps("saliency", "--index", indexed["index"], "--out", out)
-    assert_user_error(proc, image, "cannot decode image")
+    proc = eps("saliency", "--method", method, "--index", indexed["index"], "--out", out)
+    assert_user_error(proc, image, "cannot decode image", only_line=False)
     assert not out.exists() and not leftovers(indexed["root"])
 
 
-def test_image_missing_after_indexing(indexed):
+@pytest.mark.parametrize("method", ["precomputed", "classical"])
+def test_image_missing_after_indexing(indexed, method):
     image = indexed["data"] / "JPEGImages" / f"{ID}.jpg"
     image.unlink()
     out = indexed["root"] / "sal.h5"
-    assert_user_error(eps("saliency", "--index", indexed["index"], "--out", out), image, "file not found")
+    assert_user_error(eps("saliency", "--method", method, "--index", indexed["index"], "--out", out),
+                      image, "file not found", only_line=False)
     assert not out.exists() and not leftovers(indexed["root"])
 
 
@@ -90,7 +93,8 @@ def test_truncated_saliency_png(indexed):
     sal = indexed["data"] / "SALImages" / f"{ID}.png"
     truncate(sal, 0.5)
     out = indexed["root"] / "sal.h5"
-    assert_user_error(eps("saliency", "--index", indexed["index"], "--out", out), sal, "cannot decode image")
+    assert_user_error(eps("saliency", "--method", "precomputed", "--index", indexed["index"], "--out", out),
+                      sal, "cannot decode image", only_line=False)
     assert not out.exists() and not leftovers(indexed["root"])
 
 
@@ -178,7 +182,7 @@ def test_saliency_map_missing(world, tmp_path, when):
         sal.unlink()
         expected = (sal, "file not found")
     out = tmp_path / "sal.h5"
-    assert_user_error(eps("saliency", "--index", index, "--out", out), *expected)
+    assert_user_error(eps("saliency", "--method", "precomputed", "--index", index, "--out", out), *expected, only_line=False)
     assert not out.exists() and not leftovers(tmp_path)
 
 
@@ -186,14 +190,14 @@ def test_saliency_map_of_another_size_is_resized_with_a_warning_or_refused_in_st
     sal = indexed["data"] / "SALImages" / f"{ID}.png"
     Image.open(sal).resize((40, 24), Image.BILINEAR).save(sal)
     out = indexed["root"] / "sal.h5"
-    proc = eps("saliency", "--index", indexed["index"], "--out", out)
+    proc = eps("saliency", "--method", "precomputed", "--index", indexed["index"], "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert f"{sal}: saliency map is 40x24, image is 32x32; resized" in proc.stderr
     with h5py.File(out) as f:
         assert f[ID].shape == (32, 32) and f[ID].dtype == np.uint8
     out.unlink()
-    strict = eps("saliency", "--index", indexed["index"], "--strict", "--out", out)
-    assert_user_error(strict, sal, "saliency map is 40x24, image is 32x32")
+    strict = eps("saliency", "--method", "precomputed", "--index", indexed["index"], "--strict", "--out", out)
+    assert_user_error(strict, sal, "saliency map is 40x24, image is 32x32", only_line=False)
     assert not out.exists() and not leftovers(indexed["root"])
 
 
@@ -223,7 +227,7 @@ def test_saliency_maps_with_alpha_or_16_bit_depth_load_correctly(indexed):
             a = np.zeros_like(a)  # round(dark / 65535 * 255) == 0
         expected[image_id] = a
     out = indexed["root"] / "sal.h5"
-    proc = eps("saliency", "--index", indexed["index"], "--strict", "--out", out)
+    proc = eps("saliency", "--method", "precomputed", "--index", indexed["index"], "--strict", "--out", out)
     assert proc.returncode == 0, proc.stderr
     with h5py.File(out) as f:
         for image_id, a in expected.items():
@@ -298,7 +302,8 @@ def test_id_with_dots_in_a_hand_edited_index(indexed):
     text = index.read_text().replace(f"{ID},", "../../evil,", 1)
     index.write_text(text)
     out = indexed["root"] / "sal.h5"
-    assert_user_error(eps("saliency", "--index", index, "--out", out), index, "line 3:", "path separator")
+    assert_user_error(eps("saliency", "--index", index, "--out", out), index, "line 3:", "path separator",
+                      only_line=False)
     assert not out.exists() and not leftovers(indexed["root"])
     assert not (indexed["root"].parent / "evil.png").exists()
 
