@@ -142,7 +142,7 @@ def test_saliency_statistics(world):
     assert obj.mean() > 0.6
     assert context.mean() < 0.2
     assert obj.mean() > context.mean() + 0.45
-    assert missed_px.mean() < 0.2
+    assert missed_px.mean() < 0.3  # missed 70 % of the time: about 0.7 x 0.06 + 0.3 x 0.87
 
 
 def test_no_missed_class(tmp_path):
@@ -216,3 +216,23 @@ def test_missed_class_context_and_miss_rate(tmp_path):
         vals = [(_load(root, i)[2] / 255)[_load(root, i)[0] == len(CLASSES)] for i in _ids(root, "train")]
         means[rate] = np.concatenate(vals).mean()
     assert means[1.0] < 0.2 < 0.5 < means[0.0]
+
+
+@pytest.mark.parametrize("to_border", [True, False])
+def test_ground_like_context_runs_out_of_the_frame(tmp_path, to_border):
+    """rail, water and grass span the width with stuff_to_border, and never do without it."""
+    root = tmp_path / "d"
+    generate(root, num_train=40, num_val=0, size=48, stuff_to_border=to_border, context_without=0.0)
+    ground = [CONTEXTS.index(k) + 1 for k in ("rail", "water", "grass")]
+    spans = []
+    for image_id in _ids(root, "train"):
+        _, ctx, _ = _load(root, image_id)
+        for k in ground:
+            rows = np.flatnonzero((ctx == k).any(1))
+            if rows.size:  # a row of this context reaching both side edges
+                spans.append(bool(((ctx[rows, 0] == k) & (ctx[rows, -1] == k)).any()))
+    assert len(spans) >= 5
+    if to_border:
+        assert np.mean(spans) > 0.9  # objects drawn over the context may cover an edge now and then
+    else:
+        assert np.mean(spans) < 0.5  # only objects near both edges reach them

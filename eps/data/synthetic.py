@@ -74,6 +74,7 @@ class SynthConfig:
     clutter: tuple = (3, 8)
     missed_class: object = -1
     missed_has_context: bool = False
+    stuff_to_border: bool = True
     sal_miss_rate: float = 0.7
     sal_blur: float = 0.02
     sal_level: tuple = (0.75, 1.0)
@@ -312,10 +313,23 @@ def _paint_object(img, rng, name, body, mark, box, size):
 # ----------------------------------------------------------------- context stuff regions
 
 
-def _context_region(rng, kind, shape, box):
-    """Mask of the context stuff of kind `kind` for an object (real or phantom) at box."""
+def _context_region(rng, kind, shape, box, to_border=False):
+    """Mask of the context stuff of kind `kind` for an object (real or phantom) at box.
+
+    `to_border`: ground-like stuff runs out of the frame, as in photographs (the rail and the
+    water across the whole width, water and grass down to the bottom edge, the branch in from
+    the nearer side), so a bottom-up saliency detector sees it as background.
+    """
     x0, y0, w, h = box
     x1, y1 = x0 + w, y0 + h
+    size = shape[1]
+    if to_border and kind in ("rail", "water", "grass"):
+        bottom = {"rail": y1 + rng.uniform(0.6, 0.95) * h}.get(kind, size + 1)
+        top = {"rail": y1 - 0.08 * h, "water": y0 + 0.72 * h, "grass": y1 - 0.25 * h}[kind]
+        if kind == "rail":
+            return _rect(shape, -1, top, size + 1, bottom)
+        amp, steps = (0.05 * h, 8) if kind == "water" else (0.08 * h, 12)
+        return _wobbly_rect(shape, rng, -1, top, size + 1, bottom, amp=amp, edges="t", steps=steps)
     if kind == "rail":  # straight band under the train
         a, b = rng.uniform(0.25, 0.7), rng.uniform(0.6, 0.95)
         return _rect(shape, x0 - a * w, y1 - 0.08 * h, x1 + a * w, y1 + b * h)
@@ -332,7 +346,15 @@ def _context_region(rng, kind, shape, box):
         t = rng.uniform(0.14, 0.24) * h
         slope = rng.uniform(-0.25, 0.25) * h
         ya, yb = y1 - 0.1 * h - slope, y1 - 0.1 * h + slope
-        m = _poly(shape, [(x0 - a * w, ya), (x1 + a * w, yb), (x1 + a * w, yb + t), (x0 - a * w, ya + t)])
+        left, right = x0 - a * w, x1 + a * w
+        if to_border:  # in from the nearer side edge, on the same line
+            grow = (left + 1) if x0 + w / 2 < size / 2 else (size + 1 - right)
+            run = right - left
+            if x0 + w / 2 < size / 2:
+                left, ya = -1.0, ya - (yb - ya) * grow / run
+            else:
+                right, yb = size + 1.0, yb + (yb - ya) * grow / run
+        m = _poly(shape, [(left, ya), (right, yb), (right, yb + t), (left, ya + t)])
         tx = x0 + rng.uniform(-0.3, 0.2) * w
         m |= _poly(shape, [(tx, y1), (tx - 0.3 * w, y1 + 0.5 * h), (tx - 0.3 * w + 0.4 * t, y1 + 0.5 * h),
                            (tx + 0.4 * t, y1)])
@@ -459,7 +481,7 @@ def _sample_image(rng, cfg, names, contexts, missed):
     img = _background(rng, size, cfg)
     ctx = np.zeros(shape, np.uint8)
     for _, k, box in regions:
-        m = _context_region(rng, contexts[k], shape, box)
+        m = _context_region(rng, contexts[k], shape, box, cfg.stuff_to_border)
         _paint_context(img, rng, contexts[k], m, box, size)
         ctx[m] = k + 1
 
@@ -546,6 +568,9 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     - missed_has_context=False: whether the missed class keeps its context region. Off by
       default, so the co-occurrence confusion of the configured pairs measures co-occurrence,
       and saliency misses are measured separately (the missed class's own IoU).
+    - stuff_to_border=True: ground-like context (rail, water, grass, branch) runs out of the
+      frame as in photographs, so a real bottom-up detector (`classical`) treats it as
+      background; False gives the short context regions of earlier versions.
     - sal_blur=0.02: Gaussian sigma of the saliency soft edges, as a fraction of `size`.
     - sal_level=(0.75, 1.0): saliency level range on objects.
     - sal_missed_level=(0.0, 0.12): saliency level range on objects of the missed class.
