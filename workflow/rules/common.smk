@@ -89,7 +89,7 @@ def saliency_shards():
 
 
 def saliency_weights(wildcards):
-    """usps: the model self-trained by rule train_saliency; pfan / dss: the configured file."""
+    """The weights of a network method: usps trains its own (train_saliency), pfan / dss read saliency.weights."""
     if wildcards.method == "usps":
         return [f"{RESULTS}/saliency/usps/model.pt"]
     if wildcards.method in ("pfan", "dss"):
