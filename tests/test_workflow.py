@@ -184,3 +184,33 @@ def test_real_voc_sample_run(tmp_path, shared_dir):
                        "--configfile", str(config)], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_outputs(tmp_path / "results" / "voc_sample", list(cfg["variants"]), len(ids), crf=False)
+
+
+def _dry_run_with_saliency(tmp_path, saliency):
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["saliency"].update(saliency)
+    path = tmp_path / "sal.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return _snakemake(["-n", "-p", "--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                       "--configfile", str(path)])
+
+
+def test_usps_trains_its_network_before_the_saliency_shards(tmp_path):
+    proc = _dry_run_with_saliency(tmp_path, {"method": "usps", "train": {"rounds": 1}})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "rule train_saliency" in out
+    assert "eps train-saliency --method usps" in out and '--params \'{"rounds": 1}\'' in out
+    assert "--weights results/synthetic/saliency/usps/model.pt" in out
+
+
+def test_pfan_needs_a_weights_file(tmp_path):
+    proc = _dry_run_with_saliency(tmp_path, {"method": "pfan"})
+    assert proc.returncode != 0
+    assert "saliency.weights" in proc.stdout + proc.stderr
+    weights = tmp_path / "pfan.h5"
+    weights.write_bytes(b"")
+    proc = _dry_run_with_saliency(tmp_path, {"method": "pfan", "weights": str(weights)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "rule train_saliency" not in out and f"--method pfan --shard 1-of-2 --weights {weights}" in out
