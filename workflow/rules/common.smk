@@ -88,6 +88,20 @@ def saliency_shards():
     return scatter.shard(f"{RESULTS}/saliency/{SAL_METHOD}/shard-{{scatteritem}}.h5")
 
 
+# The modules each saliency method runs (usps fuses the classical priors into its labels).
+SALIENCY_CODE = {
+    "classical": ["eps/saliency/classical.py"],
+    "usps": ["eps/saliency/usps.py", "eps/saliency/classical.py"],
+    "pfan": ["eps/saliency/pfan.py", "eps/saliency/supervised.py"],
+    "dss": ["eps/saliency/dss.py", "eps/saliency/pfan.py", "eps/saliency/supervised.py"],
+    "precomputed": ["eps/saliency/precomputed.py"],
+}
+
+
+def saliency_code(method):
+    return code_hash(*COMMON_CODE, "eps/saliency/__init__.py", *SALIENCY_CODE[method])
+
+
 def saliency_weights(wildcards):
     """The weights of a network method: usps trains its own (train_saliency), pfan / dss read saliency.weights."""
     if wildcards.method == "usps":

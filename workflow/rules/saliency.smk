@@ -11,7 +11,7 @@ rule train_saliency:
         train=as_json(config["saliency"]["train"]),
         split=config["train_split"],
         device=config["device"],
-        code=code_hash(*COMMON_CODE, "eps/saliency"),
+        code=saliency_code("usps"),
     threads: config["threads"]["train"]
     resources:
         gpu=1,
@@ -36,7 +36,7 @@ rule saliency:
         strict="--strict" if config["saliency"]["strict"] else "",
         weights=lambda w, input: f"--weights {input.weights}" if input.weights else "",
         device=config["device"],
-        code=code_hash(*COMMON_CODE, "eps/saliency"),
+        code=lambda w: saliency_code(w.method),
     threads: config["threads"]["infer"]
     resources:
         gpu=lambda w: 1 if w.method in ("usps", "pfan", "dss") else 0,
