@@ -316,9 +316,9 @@ def _paint_object(img, rng, name, body, mark, box, size):
 def _context_region(rng, kind, shape, box, to_border=False):
     """Mask of the context stuff of kind `kind` for an object (real or phantom) at box.
 
-    `to_border`: ground-like stuff runs out of the frame, as in photographs (the rail and the
-    water across the whole width, water and grass down to the bottom edge, the branch in from
-    the nearer side), so a bottom-up saliency detector sees it as background.
+    `to_border`: ground-like stuff runs out of the frame, as in photographs (the rail, the
+    water, the grass and the branch across the whole width, water and grass down to the bottom
+    edge), so a bottom-up saliency detector sees it as background.
     """
     x0, y0, w, h = box
     x1, y1 = x0 + w, y0 + h
@@ -347,13 +347,10 @@ def _context_region(rng, kind, shape, box, to_border=False):
         slope = rng.uniform(-0.25, 0.25) * h
         ya, yb = y1 - 0.1 * h - slope, y1 - 0.1 * h + slope
         left, right = x0 - a * w, x1 + a * w
-        if to_border:  # in from the nearer side edge, on the same line
-            grow = (left + 1) if x0 + w / 2 < size / 2 else (size + 1 - right)
-            run = right - left
-            if x0 + w / 2 < size / 2:
-                left, ya = -1.0, ya - (yb - ya) * grow / run
-            else:
-                right, yb = size + 1.0, yb + (yb - ya) * grow / run
+        if to_border:  # across the whole frame, on the same line
+            slope_px = (yb - ya) / (right - left)
+            ya, yb = ya - slope_px * (left + 1), yb + slope_px * (size + 1 - right)
+            left, right = -1.0, size + 1.0
         m = _poly(shape, [(left, ya), (right, yb), (right, yb + t), (left, ya + t)])
         tx = x0 + rng.uniform(-0.3, 0.2) * w
         m |= _poly(shape, [(tx, y1), (tx - 0.3 * w, y1 + 0.5 * h), (tx - 0.3 * w + 0.4 * t, y1 + 0.5 * h),
@@ -568,8 +565,8 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     - missed_has_context=False: whether the missed class keeps its context region. Off by
       default, so the co-occurrence confusion of the configured pairs measures co-occurrence,
       and saliency misses are measured separately (the missed class's own IoU).
-    - stuff_to_border=True: ground-like context (rail, water, grass, branch) runs out of the
-      frame as in photographs, so a real bottom-up detector (`classical`) treats it as
+    - stuff_to_border=True: ground-like context (rail, water, grass, branch) runs across the
+      whole frame as in photographs, so a real bottom-up detector (`classical`) treats it as
       background; False gives the short context regions of earlier versions.
     - sal_blur=0.02: Gaussian sigma of the saliency soft edges, as a fraction of `size`.
     - sal_level=(0.75, 1.0): saliency level range on objects.
