@@ -7,12 +7,13 @@ upsampled from stride 8, as trained CAMs are), for the EPS classifier (labelled 
 the background map) and the CAM baseline (labelled classes).
 
 - eps: one ``eps.cams`` shard written as the ``infer_cams`` stage writes it
-  (``eps.infer.write_cams``: float16, byte shuffle + gzip 1); bytes = file size / images.
+  (``eps.infer.write_cams``: the labelled classes' maps, float16, byte shuffle + gzip 1; the
+  EPS background map is left out, as the official code leaves it out); bytes = file size / images.
 - official (``infer.py --cam_npy``): per image ``np.save(f"{id}.npy", cam_dict)``, a
   pickled dict class -> float32 map at image size; bytes = sum of file sizes / images.
 
-Also shown: the same shard without the byte shuffle (the earlier eps writer), without the
-EPS background map, and (lossy, not eps's format) with maps quantised to uint8, to say
+Also shown: the shard with the EPS background map (``infer.keep_background``), without the
+byte shuffle (the first eps writer), and (lossy, not eps's format) with maps quantised to uint8, to say
 where the bytes go and what a format change would buy.
 """
 
@@ -125,18 +126,19 @@ def main(argv=None) -> int:
                        for k, maps, present in iter_cams(model, images, labels, params, background, "cpu")]
             n = len(entries)
             official = official_npy(work / loss / "npy", entries) / n
-            eps = write_shard(work / loss / "cams.h5", entries) / n
+            # as infer_cams writes it: the EPS background map left out (infer.keep_background: false)
+            eps = write_shard(work / loss / "cams.h5", entries, drop_background=True) / n
             plain = write_shard(work / loss / "plain.h5", entries,
                                 {"compression": "gzip", "compression_opts": 1}) / n
             print(f"[{loss}] official .npy: {official / 1024:8.1f} KiB/image")
             print(f"[{loss}] eps shard:     {eps / 1024:8.1f} KiB/image = {100 * eps / official:.1f}% of the official "
-                  f"(float16, shuffle + gzip 1)")
-            print(f"[{loss}]   gzip 1 without shuffle (earlier writer): {plain / 1024:.1f} KiB/image = "
-                  f"{100 * plain / official:.1f}%")
+                  f"(labelled classes, float16, shuffle + gzip 1)")
             if background:
-                fg = write_shard(work / loss / "fg.h5", entries, drop_background=True) / n
-                print(f"[{loss}]   without the background map (which the official does not save): "
-                      f"{fg / 1024:.1f} KiB/image = {100 * fg / official:.1f}%")
+                kept = write_shard(work / loss / "kept.h5", entries) / n
+                print(f"[{loss}]   with the background map (infer.keep_background: true): "
+                      f"{kept / 1024:.1f} KiB/image = {100 * kept / official:.1f}%")
+            print(f"[{loss}]   every map, gzip 1 without shuffle (the first eps writer): {plain / 1024:.1f} KiB/image = "
+                  f"{100 * plain / official:.1f}%")
             quantised = [(i, np.round(np.clip(m, 0, 1) * 255).astype(np.uint8), c, b) for i, m, c, b in entries]
             q = write_shard(work / loss / "uint8.h5", quantised,
                             {"compression": "gzip", "compression_opts": 1}) / n

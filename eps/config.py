@@ -46,6 +46,7 @@ INFER_DEFAULTS = {
     "batch_size": 8,
     "device": "auto",
     "amp": False,
+    "keep_background": False,  # store the EPS background map too (no eps stage reads it)
 }
 
 MASK_DEFAULTS = {"bg_threshold": 0.20}

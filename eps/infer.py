@@ -135,13 +135,16 @@ def prepare_model(model, device):
     return model.to(device).eval().to(memory_format=torch.channels_last)
 
 
-def iter_cams(model, images, labels, params: dict, background: bool, device, amp: bool = False):
+def iter_cams(model, images, labels, params: dict, background: bool, device, amp: bool = False,
+              keep_background: bool = True):
     """Yield `(k, maps, present)` for every image `images[k]` (uint8 RGB (H, W, 3)), in batch order.
 
     Images of equal size are batched (`params["batch_size"]` at a time, with their flips);
     `maps` are the float32 max-normalised maps of the labelled classes `present` (0-based,
-    from the multi-hot `labels[k]`) and, with `background`, the background map last.
+    from the multi-hot `labels[k]`) and, with `background` (the model has a background
+    channel) and `keep_background`, the background map last.
     """
+    keep = background and keep_background
     by_size = defaultdict(list)
     for k, image in enumerate(images):
         by_size[image.shape[:2]].append(k)
@@ -154,7 +157,7 @@ def iter_cams(model, images, labels, params: dict, background: bool, device, amp
             # only the maps the shard keeps are upsampled: the labelled classes of the
             # batch (and the background map, last)
             wanted = sorted({int(c) for k in chunk for c in np.flatnonzero(labels[k])})
-            if background:
+            if keep:
                 wanted.append(int(labels.shape[1]))
             summed = multiscale_cams(model, pixels.to(device), params["scales"], params["flip"], background, amp,
                                      channels=wanted)
@@ -163,11 +166,15 @@ def iter_cams(model, images, labels, params: dict, background: bool, device, amp
             for j, k in enumerate(chunk):
                 present = np.flatnonzero(labels[k])
                 local = np.array([where[int(c)] for c in present], np.int64)
-                yield k, normalised_maps(summed[j], local, background), present
+                yield k, normalised_maps(summed[j], local, keep), present
 
 
 def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params: dict) -> Path:
-    """Write one shard of multi-scale CAMs (float16, present classes [+ background]) to `out`."""
+    """Write one shard of multi-scale CAMs (float16, present classes [+ background]) to `out`.
+
+    The EPS background map is left out unless `keep_background`: the pseudo-mask rule and the
+    CRF score the background by a threshold (as the official code does), so it is never read.
+    """
     set_threads()
     index = read_index(index_csv)
     info = read_classes(index_csv)
@@ -186,8 +193,9 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
     out = Path(out)
     with atomic_h5(out, "eps.cams", info["dataset"]) as f:
         with tqdm(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
-            for k, maps, present in iter_cams(model, images, labels, params, background, device, amp):
-                write_cams(f, ids[k], maps, present, background)
+            keep = background and bool(params["keep_background"])
+            for k, maps, present in iter_cams(model, images, labels, params, background, device, amp, keep):
+                write_cams(f, ids[k], maps, present, keep)
                 bar.update(1)
     return out
 

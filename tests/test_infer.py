@@ -165,15 +165,15 @@ def read_shard(path):
     return attrs, items
 
 
-@pytest.mark.parametrize("loss", ["cam", "eps"])
-def test_infer_cams_writes_normalised_maps_of_the_labelled_classes(world, tmp_path, loss):
+@pytest.mark.parametrize("loss,keep", [("cam", False), ("eps", False), ("eps", True)])
+def test_infer_cams_writes_normalised_maps_of_the_labelled_classes(world, tmp_path, loss, keep):
     out = infer_cams(world["index"], world["classifiers"][loss], tmp_path / "shard-1-of-1.h5", "val",
-                     "1-of-1", infer_params())
+                     "1-of-1", infer_params(keep_background=keep))
     assert out == tmp_path / "shard-1-of-1.h5"
     attrs, items = read_shard(out)
     assert attrs["format"] == "eps.cams" and attrs["dataset"] == "t" and attrs["version"] == 1
     assert list(items) == sorted(world["ids"])
-    background = loss == "eps"
+    background = loss == "eps" and keep  # the EPS background map only on request
     for image_id, (maps, a) in items.items():
         labels = world["labels"][image_id]
         assert maps.dtype == np.float16
@@ -208,7 +208,7 @@ def test_shards_partition_the_split_and_masks_follow_the_rule(world, tmp_path):
         for image_id, (mask, _) in masks.items():
             maps, a = parts[i][image_id]
             assert mask.dtype == np.uint8 and mask.shape == (40, 40)
-            np.testing.assert_array_equal(mask, mask_from_maps(maps, a["classes"], True, 0.2))
+            np.testing.assert_array_equal(mask, mask_from_maps(maps, a["classes"], bool(a["background"]), 0.2))
 
     png_dir = export_pngs(mask_shards, tmp_path / "png", "t")
     assert sorted(p.name for p in png_dir.iterdir()) == sorted(f"{i}.png" for i in ids)
