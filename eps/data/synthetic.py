@@ -38,7 +38,7 @@ VERSION = 1
 CLASSES = ("train", "boat", "bird", "cow", "plane")
 CONTEXTS = ("rail", "water", "branch", "grass", "sky")
 _BODY_RGB = {
-    "train": (105, 112, 138),  # steel blue-grey
+    "train": (70, 95, 170),  # blue
     "boat": (205, 178, 140),  # tan
     "bird": (62, 58, 96),  # dark slate
     "cow": (150, 118, 92),  # brown, with dark spots
@@ -371,13 +371,13 @@ def _paint_context(img, rng, kind, m, box, size):
         tex = np.array((125, 115, 105), np.float32) + 18 * noise
         period = max(3.0, 0.12 * w)
         sleepers = (xx - x0) % period < period * 0.4
-        tex[sleepers] = (85, 60, 40) + 6 * noise[sleepers]
+        tex[sleepers] = (100, 85, 70) + 6 * noise[sleepers]
         ytop = y0 + 0.92 * h
         band = max(1.0, 0.05 * w)
         for frac in (0.3, 0.7):
             ry = ytop + frac * max(3.0, 0.7 * h)
             rails = np.abs(yy - ry) < band / 2 + 0.5
-            tex[rails] = (205, 205, 215) + 6 * noise[rails]
+            tex[rails] = (165, 162, 160) + 6 * noise[rails]
     elif kind == "water":
         tex = np.array((35, 85, 165), np.float32) + 8 * noise
         waves = np.sin(yy * 1.3 + 0.8 * np.sin(xx * 0.35 + rng.uniform(0, 6))) > 0.7
@@ -388,7 +388,7 @@ def _paint_context(img, rng, kind, m, box, size):
     elif kind == "branch":
         tex = np.array((95, 65, 35), np.float32) + 7 * noise
         bark = (np.sin(xx * 1.7 + yy * 0.4) > 0.6)
-        tex[bark] *= 0.6
+        tex[bark] *= 0.8
     elif kind == "sky":
         grad = ((yy / size) * 35.0)[..., None]
         tex = np.array((145, 190, 238), np.float32) + grad + 4 * noise
