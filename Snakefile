@@ -33,5 +33,6 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         f"{RESULTS}/summary.csv",
+        f"{RESULTS}/saliency/{SAL_METHOD}/metrics.json",
         REPORT_TARGETS,
     default_target: True

@@ -68,9 +68,11 @@ def cmd_train_saliency(a):
 
 
 def cmd_eval_saliency(a):
-    from eps.saliency.metrics import evaluate_dirs, write_json
+    from eps.saliency.metrics import evaluate_dirs, evaluate_shards, write_json
 
-    result = evaluate_dirs(a.pred, a.gt)
+    if (a.pred is None) == (a.shards is None):
+        raise EpsError("eval-saliency: give exactly one of --pred DIR (PNGs) or --shards (HDF5 shards)")
+    result = evaluate_dirs(a.pred, a.gt) if a.pred is not None else evaluate_shards(a.shards, a.gt)
     write_json(result, a.out)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
@@ -315,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_saliency)
 
     p = sub.add_parser("eval-saliency", help="MAE, adaptive and max F-measure, S-measure of saliency PNGs")
-    p.add_argument("--pred", required=True, help="folder of predicted maps (PNG)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG, non-zero = salient)")
+    p.add_argument("--pred", default=None, help="folder of predicted maps (PNG)")
+    p.add_argument("--shards", nargs="+", default=None, help="saliency HDF5 shards of a workflow run (maps per image id)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG, non-zero = salient; "
+                   "with --shards the dataset's label masks {id}.png)")
     p.add_argument("--out", required=True, help="JSON file")
     p.set_defaults(func=cmd_eval_saliency)
 

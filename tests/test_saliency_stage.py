@@ -109,3 +109,32 @@ def test_cli_train_saliency_rejects_untrainable_and_missing_masks(image_folder, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--masks" in err[0]
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_eval_saliency_of_shards_against_the_dataset_masks(tiny_voc, tmp_path, capsys):
+    """The tiny dataset's saliency PNGs are its masks (void included): a perfect score."""
+    from eps.data.index import build_index
+
+    index = tmp_path / "index.csv"
+    build_index({"type": "voc", "name": "tiny", "root": str(tiny_voc), "saliency_dir": "SALImages",
+                 "splits": {"train": "train.txt"}}, index)
+    shard = extract_shard(index, "precomputed", "1-of-1", tmp_path / "sal.h5", progress=False)
+    gt = tiny_voc / "SegmentationClass"
+    out = tmp_path / "scores.json"
+    assert main(["eval-saliency", "--shards", str(shard), "--gt", str(gt), "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    with h5py.File(shard) as f:
+        count = len(f)
+    assert scores["images"] == count and scores["skipped"] == 0
+    assert scores["mae"] == 0 and scores["f_adaptive"] == pytest.approx(1)
+    # an image without a mask (a test split) is skipped and counted
+    missing = sorted(gt.glob("*.png"))[0]
+    missing.unlink()
+    assert main(["eval-saliency", "--shards", str(shard), "--gt", str(gt), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["skipped"] == 1
+    capsys.readouterr()
+    assert main(["eval-saliency", "--shards", str(shard), "--gt", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert main(["eval-saliency", "--shards", str(shard), "--pred", str(tmp_path), "--gt", str(gt),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "folder not found" in err[0] and "exactly one of --pred" in err[1]

@@ -214,3 +214,40 @@ def write_json(result: dict, out) -> Path:
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def evaluate_shards(shards, gt_dir, beta2: float = 0.3) -> dict:
+    """Score the maps of saliency HDF5 shards against the dataset's masks `{gt_dir}/{id}.png`.
+
+    Every non-zero label counts as salient: classes and the void band around objects (255),
+    as the class-agnostic object extent that a saliency map is asked to cover. Images without
+    a mask (a test split) are skipped and counted; none at all is an error.
+    """
+    from eps.data.io import open_h5, read_index_png
+
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise fail(gt_dir, "folder not found")
+
+    skipped = []
+
+    def pairs():
+        for shard in shards:
+            with open_h5(shard, "eps.saliency") as f:
+                for image_id in sorted(f):
+                    gt_path = gt_dir / f"{image_id}.png"
+                    if not gt_path.is_file():
+                        skipped.append(image_id)
+                        continue
+                    gt = read_index_png(gt_path) > 0
+                    pred = f[image_id][()].astype(np.float32) / 255.0
+                    if pred.shape != gt.shape:
+                        raise fail(shard, f"map of {image_id!r} is {pred.shape[1]}x{pred.shape[0]}, "
+                                          f"its mask {gt.shape[1]}x{gt.shape[0]}")
+                    yield pred, gt
+
+    result = evaluate_maps(pairs(), beta2)
+    if not result["images"]:
+        raise fail(gt_dir, "no mask for any image of the saliency shards")
+    result["skipped"] = len(skipped)
+    return result

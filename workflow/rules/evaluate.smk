@@ -14,6 +14,22 @@ BOUNDARY_ARGS = f"--boundary-tolerance {config['evaluation']['boundary_tolerance
 )
 
 
+rule evaluate_saliency:
+    input:
+        shards=saliency_shards(),
+    output:
+        f"{RESULTS}/saliency/{SAL_METHOD}/metrics.json",
+    params:
+        gt=gt_dir(),
+        code=code_hash(*COMMON_CODE, "eps/saliency/metrics.py"),
+    log:
+        f"{RESULTS}/logs/saliency/evaluate_{SAL_METHOD}.log",
+    conda:
+        "../../envs/eps.yaml"
+    shell:
+        "eps eval-saliency --shards {input.shards} --gt {params.gt} --out {output} > {log} 2>&1"
+
+
 rule evaluate_masks:
     input:
         pred=lambda w: f"{RESULTS}/{w.variant}/{STAGE_DIRS[w.stage]}/{w.split}/png",
