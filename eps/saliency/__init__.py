@@ -21,7 +21,6 @@ import numpy as np
 from eps.errors import EpsError
 
 METHODS = ("classical", "usps", "pfan", "dss", "precomputed")
-NETWORK_METHODS = ("usps", "pfan", "dss")  # GPU-tagged in the workflow
 TRAINABLE = ("usps", "pfan", "dss")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
