@@ -43,7 +43,7 @@ from eps.data.index import parse_scatteritem, read_classes, read_index, shard_ro
 from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
 from eps.models.deeplab import SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
-from eps.train import (PositionSamples, _save_checkpoint, _truncate_log, _unwrap_worker_errors, make_optimizer,
+from eps.train import (PositionSamples, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors, make_optimizer,
                        normalize, set_poly_lr)
 
 IGNORE = 255
@@ -235,22 +235,11 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
     optimizer = make_optimizer(model, params)
 
     total = int(params["iterations"])
-    start = 0
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "last.pt"
     log_path = work / "train_log.csv"
-    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
-    if state is not None and state.get("run") != run:
-        print(f"ignoring {ckpt}: written by a run with other parameters, images or pseudo-masks", flush=True)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        _truncate_log(log_path, start, LOG_FIELDS)
-        print(f"resuming from {ckpt} at iteration {start}", flush=True)
-    elif log_path.exists():
-        log_path.unlink()
+    start = _resume_checkpoint(ckpt, run, model, optimizer, log_path, device,
+                               "parameters, images or pseudo-masks", LOG_FIELDS)
 
     batch = int(params["batch_size"])
     samples = SegSamples(rows["image"], mask_paths, len(classes), params)

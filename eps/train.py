@@ -181,6 +181,32 @@ def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = ""
                     "iteration": iteration, "run": run}, tmp)
 
 
+def _resume_checkpoint(ckpt: Path, run: str, model, optimizer, log_path: Path, device, inputs: str,
+                       fields=LOG_FIELDS, lead: bool = True) -> int:
+    """The iteration a training run starts from (0 without a usable checkpoint).
+
+    A checkpoint of this same run (`run` key) is loaded into `model` and `optimizer` and the
+    log cut back to it; one left by a run with other `inputs` would give wrong weights and is
+    ignored, and the log restarts. Only the `lead` process prints and touches the log.
+    """
+    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
+    if state is not None and state.get("run") != run:
+        if lead:
+            print(f"ignoring {ckpt}: written by a run with other {inputs}", flush=True)
+        state = None
+    if state is None:
+        if lead and log_path.exists():
+            log_path.unlink()
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["iteration"])
+    if lead:
+        _truncate_log(log_path, start, fields)
+        print(f"resuming from {ckpt} at iteration {start}", flush=True)
+    return start
+
+
 @dataclass
 class _Job:
     """Everything a training process needs (picklable: distributed ranks receive a copy)."""
@@ -276,24 +302,10 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
     optimizer = make_optimizer(model, params)
 
     total = int(params["iterations"])
-    start = 0
     ckpt = work / "last.pt"
     log_path = work / "train_log.csv"
-    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
-    if state is not None and state.get("run") != job.run:
-        # left by a run with other parameters or images: resuming it would give wrong weights
-        if lead:
-            print(f"ignoring {ckpt}: written by a run with other parameters or training images", flush=True)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        if lead:
-            _truncate_log(log_path, start)
-            print(f"resuming from {ckpt} at iteration {start}", flush=True)
-    elif lead and log_path.exists():
-        log_path.unlink()
+    start = _resume_checkpoint(ckpt, job.run, model, optimizer, log_path, device,
+                               "parameters or training images", lead=lead)
 
     batch = int(params["batch_size"])
     samples = TrainSamples(job.rows, job.labels, job.saliency, params)

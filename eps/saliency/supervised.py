@@ -399,7 +399,7 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     from tqdm import tqdm
 
     from eps.models.deeplab import sha256_file
-    from eps.train import _save_checkpoint, _truncate_log, _unwrap_worker_errors
+    from eps.train import _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors
 
     p = resolve_params(method, params)
     images, masks = list_pairs(images_dir, masks_dir)
@@ -420,19 +420,8 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{out.stem}-last.pt"
     log_path = work / f"{out.stem}-train_log.csv"
-    total, start = p["iterations"], 0
-    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
-    if state is not None and state.get("run") != run:
-        print(f"ignoring {ckpt}: written by a run with other parameters or files", flush=True)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        _truncate_log(log_path, start, LOG_FIELDS)
-        print(f"resuming from {ckpt} at iteration {start}", flush=True)
-    elif log_path.exists():
-        log_path.unlink()
+    total = p["iterations"]
+    start = _resume_checkpoint(ckpt, run, model, optimizer, log_path, device, "parameters or files", LOG_FIELDS)
 
     batch = p["batch_size"]
     samples = _samples_class()(method, images, masks, p)
