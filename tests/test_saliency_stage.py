@@ -138,3 +138,17 @@ def test_eval_saliency_of_shards_against_the_dataset_masks(tiny_voc, tmp_path, c
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "folder not found" in err[0] and "exactly one of --pred" in err[1]
+
+
+@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32),
+                                 np.zeros((8, 8, 4), np.uint8), [[1, 2, 3]]])
+def test_predictors_refuse_what_is_not_an_rgb_uint8_image(bad):
+    from eps.saliency import check_rgb
+    from eps.saliency.dss import DSS, predictor
+
+    with pytest.raises(EpsError, match="^pfan saliency: expected an H x W x 3 uint8 RGB image"):
+        check_rgb(bad, "pfan")
+    with pytest.raises(EpsError, match="^dss saliency: expected"):
+        predictor(DSS())(bad)
+    with pytest.raises(EpsError, match="^classical saliency: expected"):
+        get_predictor("classical")(bad)

@@ -25,6 +25,19 @@ TRAINABLE = ("usps", "pfan", "dss")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
+def check_rgb(rgb, method: str) -> np.ndarray:
+    """The input every predictor takes: an H x W x 3 uint8 RGB array (a one-line error otherwise)."""
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        what = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise EpsError(f"{method} saliency: expected an H x W x 3 uint8 RGB image, got a {what}")
+    return rgb
+
+
+def to_uint8(prob) -> np.ndarray:
+    """A saliency probability map in [0, 1] as the stage stores it: uint8, rounded."""
+    return np.clip(np.round(np.asarray(prob) * 255.0), 0, 255).astype(np.uint8)
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise EpsError(f"saliency.method: unknown method {method!r}; available: {list(METHODS)}")

@@ -32,9 +32,9 @@ DEFAULTS = {
 
 
 def _check(rgb) -> np.ndarray:
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        what = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise EpsError(f"classical saliency: expected an H x W x 3 uint8 RGB image, got a {what}")
+    from eps.saliency import check_rgb
+
+    check_rgb(rgb, "classical")
     if min(rgb.shape[:2]) < 2:
         raise EpsError(f"classical saliency: an image of {rgb.shape[1]}x{rgb.shape[0]} px is too small")
     return np.ascontiguousarray(rgb)

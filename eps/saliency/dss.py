@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eps.errors import EpsError, fail
+from eps.saliency import check_rgb, to_uint8
 from eps.saliency.pfan import vgg16_features
 
 INPUT_SIZE = 256
@@ -251,12 +252,10 @@ def predictor(model: DSS, device="cpu"):
 
     @torch.no_grad()
     def predict(rgb: np.ndarray) -> np.ndarray:
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        rgb = check_rgb(np.asarray(rgb), "dss")
         prob = saliency_probability(model(preprocess(rgb).to(device)))
         prob = F.interpolate(prob, size=rgb.shape[:2], mode="bilinear", align_corners=True)[0, 0]
-        return np.clip(np.round(prob.cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+        return to_uint8(prob.cpu().numpy())
 
     return predict
 

@@ -40,6 +40,7 @@ from PIL import Image
 
 from eps.data.io import atomic_path
 from eps.errors import EpsError, fail
+from eps.saliency import check_rgb, to_uint8
 
 INPUT_SIZE = 256  # the authors' target_size
 # Subtracted from R, G, B in this order: the authors' data code reverses OpenCV's BGR to RGB
@@ -422,16 +423,14 @@ def predictor(model: PFAN, device="cpu"):
 
     @torch.no_grad()
     def predict(rgb: np.ndarray) -> np.ndarray:
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        rgb = check_rgb(np.asarray(rgb), "pfan")
         h, w = rgb.shape[:2]
         side = max(h, w)
         prob = torch.sigmoid(model(preprocess(rgb).to(device)))
         prob = F.interpolate(prob, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
         top, left = (side - h) // 2, (side - w) // 2
         prob = prob[top:top + h, left:left + w].cpu().numpy()
-        return np.clip(np.round(prob * 255.0), 0, 255).astype(np.uint8)
+        return to_uint8(prob)
 
     return predict
 

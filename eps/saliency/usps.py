@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from eps.data.io import atomic_path, read_image
 from eps.errors import EpsError, fail
+from eps.saliency import check_rgb, to_uint8
 
 FORMAT = "eps.usps"
 FORMAT_VERSION = 1
@@ -430,9 +431,7 @@ def load_predictor(weights, device="cpu"):
     model.to(device).eval()
 
     def predict(rgb: np.ndarray) -> np.ndarray:
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise EpsError(f"usps: expected an H x W x 3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+        rgb = check_rgb(np.asarray(rgb), "usps")
         h, w = rgb.shape[:2]
         if prior_names:
             stack, maps = network_input(rgb, size, True)
@@ -444,6 +443,6 @@ def load_predictor(weights, device="cpu"):
         if use_crf:
             prob = _crf(stack[..., :3], prob)
         prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-        return np.rint(prob.clip(0, 1) * 255).astype(np.uint8)
+        return to_uint8(prob)
 
     return predict
