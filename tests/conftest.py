@@ -44,3 +44,39 @@ def tiny_voc(tmp_path) -> Path:
     (lists / "train.txt").write_text("2007_000000\n2007_000001\n2007_000002\n")
     (lists / "val.txt").write_text("2007_000002\n2007_000003\n")
     return root
+
+
+class Interrupted(Exception):
+    """A training process killed at a checkpoint (see `kill_at_checkpoint`)."""
+
+
+class _CheckpointKill:
+    """Patches `module._save_checkpoint` so that its `nth` call raises Interrupted (after
+    writing the checkpoint with `save_first`, before it otherwise); `calls` lists the
+    iterations of every call; `restore()` puts the real writer back for the resumed run."""
+
+    error = Interrupted
+
+    def __init__(self, monkeypatch, module, nth: int, save_first: bool):
+        self.calls = []
+        self._undo = lambda: monkeypatch.setattr(module, "_save_checkpoint", real)
+        real = module._save_checkpoint
+
+        def save_or_die(path, model, optimizer, iteration, *args, **kwargs):
+            self.calls.append(iteration)
+            if save_first or len(self.calls) != nth:
+                real(path, model, optimizer, iteration, *args, **kwargs)
+            if len(self.calls) == nth:
+                raise Interrupted(f"killed at the checkpoint of iteration {iteration}")
+
+        monkeypatch.setattr(module, "_save_checkpoint", save_or_die)
+
+    def restore(self) -> None:
+        self._undo()
+
+
+@pytest.fixture
+def kill_at_checkpoint(monkeypatch):
+    """`kill = kill_at_checkpoint(module, nth, save_first=False)`: simulate a process killed at
+    the `nth` checkpoint of a training run (`pytest.raises(kill.error)`, then `kill.restore()`)."""
+    return lambda module, nth, save_first=False: _CheckpointKill(monkeypatch, module, nth, save_first)

@@ -96,28 +96,18 @@ def test_bad_gpus_value(tiny, tmp_path):
         train(tiny, tmp_path, gpus=0)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_two_ranks_resume_a_checkpoint_exactly_where_it_stopped(tiny, tmp_path, monkeypatch, capfd):
+def test_two_ranks_resume_a_checkpoint_exactly_where_it_stopped(tiny, tmp_path, kill_at_checkpoint, capfd):
     """A run interrupted after its iteration-2 checkpoint, resumed with gpus: 2, ends where an
     uninterrupted run ends (gpus does not change the sample sequence, so the checkpoint is valid)."""
     import eps.train as train_mod
 
     ref = train(tiny, tmp_path / "ref")
-    real_save = train_mod._save_checkpoint
-
-    def save_then_die(path, model, optimizer, iteration, *args, **kwargs):
-        if iteration > 2:
-            raise Interrupted(iteration)
-        return real_save(path, model, optimizer, iteration, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    kill = kill_at_checkpoint(train_mod, 2)  # checkpoints at iterations 2 and 4: dies at 4
     run_dir = tmp_path / "run"
-    with pytest.raises(Interrupted):
+    with pytest.raises(kill.error):
         train(tiny, run_dir)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    kill.restore()
+    assert kill.calls == [2, 4]
     capfd.readouterr()
     train(tiny, run_dir, gpus=2)
     assert "resuming from" in capfd.readouterr().out  # printed by rank 0 only

@@ -469,30 +469,17 @@ def test_training_writes_a_file_the_predictor_loads(tmp_path, method):
             dss.load_predictor(out)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_pfan_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_pfan_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, kill_at_checkpoint):
     images, masks = make_dataset(tmp_path)
     params = dict(TINY, iterations=3, checkpoint_every=1)  # checkpoints after iterations 1 and 2
     ref = supervised.train("pfan", images, masks, tmp_path / "ref" / "pfan.pt", params, progress=False)
 
-    real_save = train_mod._save_checkpoint
-    calls = []
-
-    def save_then_die(path, model, optimizer, iteration, *args, **kwargs):
-        calls.append(iteration)
-        if len(calls) == 2:
-            raise Interrupted(f"killed before the checkpoint of iteration {iteration}")
-        return real_save(path, model, optimizer, iteration, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    kill = kill_at_checkpoint(train_mod, 2)
     out = tmp_path / "run" / "pfan.pt"
-    with pytest.raises(Interrupted):
+    with pytest.raises(kill.error):
         supervised.train("pfan", images, masks, out, params, progress=False)
     assert not out.exists() and (tmp_path / "run" / "checkpoints" / "pfan-last.pt").exists()
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    kill.restore()
     supervised.train("pfan", images, masks, out, params, progress=False)
 
     a = torch.load(ref, weights_only=True)["state_dict"]

@@ -156,27 +156,14 @@ def test_a_few_steps_reduce_the_loss(tiny, tmp_path):
     assert not model.training
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, monkeypatch, capsys):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, kill_at_checkpoint, capsys):
     n = 6
     ref = train(tiny, tmp_path / "ref", iterations=n)
-    real_save = seg_mod._save_checkpoint
-    calls = []
-
-    def save_then_die(path, model, optimizer, iteration, *args, **kwargs):
-        calls.append(iteration)
-        if len(calls) == 2:
-            raise Interrupted
-        return real_save(path, model, optimizer, iteration, *args, **kwargs)
-
-    monkeypatch.setattr(seg_mod, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    kill = kill_at_checkpoint(seg_mod, 2)
+    with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=n)
-    monkeypatch.setattr(seg_mod, "_save_checkpoint", real_save)
-    assert calls == [2, 4]
+    kill.restore()
+    assert kill.calls == [2, 4]
     with open(tmp_path / "run" / "checkpoints" / "train_log.csv", "a") as f:
         f.write("5,0.1")  # a partial row of a killed process
     capsys.readouterr()
@@ -189,7 +176,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, mo
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_log(tmp_path / "ref" / "train_log.csv")]
 
 
-def test_checkpoint_of_other_pseudo_masks_is_not_resumed(tiny, tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_other_pseudo_masks_is_not_resumed(tiny, tmp_path, kill_at_checkpoint, capsys):
     import shutil
 
     other = tmp_path / "other_masks"
@@ -198,16 +185,10 @@ def test_checkpoint_of_other_pseudo_masks_is_not_resumed(tiny, tmp_path, monkeyp
     from eps.data.io import write_index_png
     write_index_png(first, np.zeros(np.asarray(Image.open(first)).shape, np.uint8))
 
-    real_save = seg_mod._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(seg_mod, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    kill = kill_at_checkpoint(seg_mod, 1, save_first=True)
+    with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=4)
-    monkeypatch.setattr(seg_mod, "_save_checkpoint", real_save)
+    kill.restore()
     capsys.readouterr()
     train(tiny, tmp_path / "run", masks=other, iterations=4)
     assert "ignoring" in capsys.readouterr().out

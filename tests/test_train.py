@@ -125,31 +125,18 @@ def test_load_classifier_rejects_missing_and_foreign_files(tmp_path):
 # ---------------------------------------------------------------------------- resume / determinism
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, monkeypatch, capsys):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, kill_at_checkpoint, capsys):
     n = 6
     ref = train(tiny, tmp_path / "ref", iterations=n, checkpoint_every=2)
 
     # Interrupted run: the second checkpoint (iteration 4) never happens; the log already
     # holds rows 1..4 (flushed just before it), the checkpoint is the one of iteration 2.
-    real_save = train_mod._save_checkpoint
-    calls = []
-
-    def save_then_die(path, model, optimizer, iteration, *args, **kwargs):
-        calls.append(iteration)
-        if len(calls) == 2:
-            raise Interrupted(f"killed before the checkpoint of iteration {iteration}")
-        return real_save(path, model, optimizer, iteration, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    kill = kill_at_checkpoint(train_mod, 2)
     run_dir = tmp_path / "run"
-    with pytest.raises(Interrupted):
+    with pytest.raises(kill.error):
         train(tiny, run_dir, iterations=n, checkpoint_every=2)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
-    assert calls == [2, 4]
+    kill.restore()
+    assert kill.calls == [2, 4]
     assert not (run_dir / "classifier.pt").exists()
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 2
@@ -177,18 +164,12 @@ def test_identical_runs_give_identical_weights_and_seed_matters(tiny, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_checkpoint_of_another_run_is_not_resumed(tiny, tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_another_run_is_not_resumed(tiny, tmp_path, kill_at_checkpoint, capsys):
     """A rerun after a parameter change (Snakemake reruns into the same folder) starts afresh."""
-    real_save = train_mod._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    kill = kill_at_checkpoint(train_mod, 1, save_first=True)
+    with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=4, lr=0.01)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    kill.restore()
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     capsys.readouterr()
 
