@@ -80,3 +80,18 @@ def kill_at_checkpoint(monkeypatch):
     """`kill = kill_at_checkpoint(module, nth, save_first=False)`: simulate a process killed at
     the `nth` checkpoint of a training run (`pytest.raises(kill.error)`, then `kill.restore()`)."""
     return lambda module, nth, save_first=False: _CheckpointKill(monkeypatch, module, nth, save_first)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    """Synthetic world (12 train / 4 val, 40 px), its index and one saliency shard (read only)."""
+    from eps.data.index import build_index
+    from eps.data.synthetic import generate
+    from eps.saliency import extract_shard
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    generate(root / "data", num_train=12, num_val=4, size=40, seed=3)
+    index = root / "index.csv"
+    build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
+    sal = extract_shard(index, "precomputed", "1-of-1", root / "sal.h5", progress=False)
+    return {"index": index, "sal": sal}

@@ -28,19 +28,9 @@ def _one_thread(monkeypatch):
     monkeypatch.setenv("EPS_THREADS", "1")  # train_classifier calls set_threads()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """Synthetic world (12 train / 4 val, 40 px), its index and one saliency shard."""
-    from eps.data.index import build_index
-    from eps.data.synthetic import generate
-    from eps.saliency import extract_shard
-
-    root = tmp_path_factory.mktemp("tiny")
-    generate(root / "data", num_train=12, num_val=4, size=40, seed=3)
-    index = root / "index.csv"
-    build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
-    sal = extract_shard(index, "precomputed", "1-of-1", root / "sal.h5")
-    return {"index": index, "sal": sal}
+@pytest.fixture
+def tiny(tiny_world) -> dict:
+    return tiny_world
 
 
 def params(**overrides) -> dict:
