@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_workflow import copy_workflow, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RULES = {"train_classifier", "infer_cams", "train_segmenter", "predict"}
@@ -126,32 +127,9 @@ def cluster_profile(dest: Path) -> Path:
     return dest
 
 
-def copy_workflow(dest: Path) -> Path:
-    """Snakefile, workflow/, eps/ (whose sources the rules hash) and envs/ as they are now: a
-    minutes-long run is not disturbed by edits to the checkout meanwhile."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    dest.mkdir(parents=True)
-    shutil.copy2(ROOT / "Snakefile", dest / "Snakefile")
-    shutil.copy2(ROOT / "config.yaml", dest / "base-config.yaml")  # see tests/test_staleness.py
-    for folder in ("workflow", "eps", "envs"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
-    return dest
-
-
-def tiny_config(path: Path, base: Path) -> Path:
-    cfg = yaml.safe_load((base / "base-config.yaml").read_text())
-    cfg["synth"] = {"num_train": 12, "num_val": 4, "size": 40, "seed": 1}
-    cfg["shards"] = 2
-    cfg["classifier"].update({"iterations": 2, "batch_size": 2, "crop": 32, "resize_long": [32, 40],
-                              "checkpoint_every": 2})
-    cfg["infer"].update({"scales": [1.0], "flip": False})
-    cfg["evaluation"]["confusion_pairs"] = []
-    cfg["variants"] = {k: cfg["variants"][k] for k in ("cam", "eps")}  # the baseline and EPS only
-    cfg["segmenter"].update({"iterations": 2, "batch_size": 2, "crop": 32, "checkpoint_every": 2})
-    cfg["segmenter"]["predict"].update({"scales": [1.0], "flip": False})
-    cfg["variants"]["eps"]["gpus"] = 2  # data-parallel training: one job, two GPUs (gloo on CPU here)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def slurm_config(path: Path, base: Path) -> Path:
+    """The tiny config, with data-parallel training of eps: one job, two GPUs (gloo on CPU here)."""
+    return tiny_config(path, base, variants__eps__gpus=2)
 
 
 def run_snakemake(args, cwd: Path, timeout: float) -> tuple[int, str]:
@@ -181,7 +159,7 @@ def test_tiny_run_through_slurm(slurm_cluster, tmp_path):
     work.mkdir()
     wf = copy_workflow(tmp_path / "workflow")
     profile = cluster_profile(tmp_path / "profile")
-    config = tiny_config(tmp_path / "tiny.yaml", wf)
+    config = slurm_config(tmp_path / "tiny.yaml", wf)
     args = ["--workflow-profile", str(profile), "--slurm-status-command", "squeue",
             "--slurm-init-seconds-before-status-checks", "2",
             "-s", str(wf / "Snakefile"), "--directory", str(work), "--configfile", str(config)]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_workflow import copy_workflow, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "results/synthetic"
@@ -83,38 +83,6 @@ def only_followers(reasons: dict, *stale: str) -> None:
     because an input of it is redone."""
     for rule, why in reasons.items():
         assert why == ({PARAMS} if rule in stale else {FOLLOWS}), (rule, why)
-
-
-def tiny_config(path: Path, base: Path, **changes) -> Path:
-    cfg = yaml.safe_load((base / "base-config.yaml").read_text())
-    cfg["synth"] = {"num_train": 12, "num_val": 4, "size": 40, "seed": 1}
-    cfg["shards"] = 2
-    cfg["classifier"].update({"iterations": 2, "batch_size": 2, "crop": 32, "resize_long": [32, 40],
-                              "checkpoint_every": 2})
-    cfg["infer"].update({"scales": [1.0], "flip": False})
-    cfg["evaluation"]["confusion_pairs"] = []
-    cfg["variants"] = {k: cfg["variants"][k] for k in ("cam", "eps")}  # the baseline and EPS only
-    cfg["segmenter"].update({"iterations": 2, "batch_size": 2, "crop": 32, "checkpoint_every": 2})
-    cfg["segmenter"]["predict"].update({"scales": [1.0], "flip": False})
-    for dotted, value in changes.items():
-        *parents, key = dotted.split("__")
-        block = cfg
-        for p in parents:
-            block = block[p]
-        block[key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def copy_workflow(dest: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copy2(ROOT / "Snakefile", dest / "Snakefile")
-    # not as config.yaml: in the working directory the Snakefile's `configfile:` would load it
-    # and --configfile would only extend it (its other variants would join the run)
-    shutil.copy2(ROOT / "config.yaml", dest / "base-config.yaml")
-    for folder in ("workflow", "eps", "envs"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
-    return dest
 
 
 @pytest.fixture(scope="module")

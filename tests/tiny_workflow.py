@@ -1,0 +1,48 @@
+"""A private copy of the workflow and a tiny config over it, for the slow end-to-end tests
+(tests/test_staleness.py, tests/test_slurm.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Snakefile, workflow/, eps/ (whose sources the rules hash) and envs/ as they are now: a
+    minutes-long run is not disturbed by edits to the checkout meanwhile."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "Snakefile", dest / "Snakefile")
+    # not as config.yaml: in the working directory the Snakefile's `configfile:` would load it
+    # and --configfile would only extend it (its other variants would join the run)
+    shutil.copy2(ROOT / "config.yaml", dest / "base-config.yaml")
+    for folder in ("workflow", "eps", "envs"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
+    return dest
+
+
+def tiny_config(path: Path, base: Path, **changes) -> Path:
+    """The copied default config shrunk to minutes, the baseline and EPS only; `changes` set
+    nested keys (`crf__bi_w=5` sets crf.bi_w)."""
+    cfg = yaml.safe_load((base / "base-config.yaml").read_text())
+    cfg["synth"] = {"num_train": 12, "num_val": 4, "size": 40, "seed": 1}
+    cfg["shards"] = 2
+    cfg["classifier"].update({"iterations": 2, "batch_size": 2, "crop": 32, "resize_long": [32, 40],
+                              "checkpoint_every": 2})
+    cfg["infer"].update({"scales": [1.0], "flip": False})
+    cfg["evaluation"]["confusion_pairs"] = []
+    cfg["variants"] = {k: cfg["variants"][k] for k in ("cam", "eps")}  # the baseline and EPS only
+    cfg["segmenter"].update({"iterations": 2, "batch_size": 2, "crop": 32, "checkpoint_every": 2})
+    cfg["segmenter"]["predict"].update({"scales": [1.0], "flip": False})
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        block = cfg
+        for p in parents:
+            block = block[p]
+        block[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
