@@ -25,6 +25,7 @@ TRAIN_DEFAULTS = {
     "lam": 0.5,
     "selection": "adaptive",  # adaptive | naive | predefined
     "background_classes": [],  # class names sent to background by `predefined`
+    "selection_warmup": 0,  # adaptive: naive selection for this many first iterations (0 = official)
     "iterations": 300,
     "batch_size": 8,
     "crop": 96,

@@ -44,23 +44,7 @@ def saliency_loss(cam, saliency, labels, tau, lam, selection="adaptive", backgro
     probs = F.softmax(cam, dim=1)
     present = labels.bool().view(n, c, 1, 1)
 
-    if selection == "adaptive":
-        fg_bin = torch.round(probs[:, :c].detach())
-        overlap = (fg_bin * torch.round(saliency)).flatten(2).sum(-1)
-        ratio = overlap / (fg_bin.flatten(2).sum(-1) + 1e-4)
-        is_fg = (ratio > tau).view(n, c, 1, 1)
-    elif selection == "naive":
-        is_fg = torch.ones_like(present)
-    elif selection == "predefined":
-        is_fg = torch.ones(c, dtype=torch.bool, device=cam.device)
-        for i in background_classes:
-            if not 0 <= int(i) < c:
-                raise EpsError(f"background_classes: index {i} outside 0..{c - 1}")
-            is_fg[int(i)] = False
-        is_fg = is_fg.view(1, c, 1, 1)
-    else:
-        raise EpsError(f"selection: unknown value {selection!r} (allowed: {', '.join(SELECTIONS)})")
-
+    is_fg = select_foreground(probs, saliency, c, tau, selection, background_classes)
     fg_mask = (present & is_fg).to(probs.dtype)
     bg_mask = (present & ~is_fg).to(probs.dtype)
     fg_map = (probs[:, :c] * fg_mask).sum(1, keepdim=True)
@@ -68,3 +52,39 @@ def saliency_loss(cam, saliency, labels, tau, lam, selection="adaptive", backgro
     sal_pred = lam * fg_map + (1 - lam) * bg_map
     loss = F.mse_loss(sal_pred, saliency)
     return loss, fg_map, bg_map, sal_pred
+
+
+def select_foreground(probs, saliency, c, tau, selection="adaptive", background_classes=()):
+    """Map selection: a boolean (N or 1, C, 1, 1), True where a class explains the salient region.
+
+    probs: (N, C+1, h, w) softmax scores; saliency: (N, 1, h, w) in [0, 1] at the same size.
+    """
+    if selection == "adaptive":
+        fg_bin = torch.round(probs[:, :c].detach())
+        overlap = (fg_bin * torch.round(saliency)).flatten(2).sum(-1)
+        ratio = overlap / (fg_bin.flatten(2).sum(-1) + 1e-4)
+        return (ratio > tau).view(probs.shape[0], c, 1, 1)
+    if selection == "naive":
+        return torch.ones(1, c, 1, 1, dtype=torch.bool, device=probs.device)
+    if selection == "predefined":
+        is_fg = torch.ones(c, dtype=torch.bool, device=probs.device)
+        for i in background_classes:
+            if not 0 <= int(i) < c:
+                raise EpsError(f"background_classes: index {i} outside 0..{c - 1}")
+            is_fg[int(i)] = False
+        return is_fg.view(1, c, 1, 1)
+    raise EpsError(f"selection: unknown value {selection!r} (allowed: {', '.join(SELECTIONS)})")
+
+
+@torch.no_grad()
+def foreground_share(cam, saliency, labels, tau, selection="adaptive", background_classes=()) -> float:
+    """Share of the batch's labelled (image, class) pairs that map selection puts on the foreground side.
+
+    Logged by classifier training: adaptive selection starts near 0 (a fresh head's rounded
+    maps are empty) and should climb as the class maps become object-like.
+    """
+    c = labels.shape[1]
+    saliency = F.interpolate(saliency, size=cam.shape[-2:])
+    is_fg = select_foreground(F.softmax(cam, dim=1), saliency, c, tau, selection, background_classes)
+    present = labels.bool().view(labels.shape[0], c, 1, 1)
+    return float((present & is_fg).sum() / present.sum().clamp(min=1))

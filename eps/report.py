@@ -267,12 +267,15 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def training_curves(logs: dict, out_png, columns=("loss", "loss_cls", "loss_sal")) -> Path:
+def training_curves(logs: dict, out_png, columns=("loss", "loss_cls", "loss_sal", "fg_share")) -> Path:
     """Loss curves (moving average over 2 % of the run) of named train_log.csv files.
 
-    One panel per column present in some log (6.4 x 2.6 inches each, side by side).
+    One panel per column with values in some log (6.4 x 2.6 inches each, side by side);
+    `fg_share` is the share of labelled classes that adaptive map selection puts on the
+    foreground side.
     """
     data = {name: _read_log(path) for name, path in logs.items()}
+    data = {name: {k: v for k, v in d.items() if np.isfinite(v).any()} for name, d in data.items()}
     shown = [c for c in columns if any(c in d for d in data.values())] or ["loss"]
     plt = _plt()
     fig, axes = plt.subplots(1, len(shown), figsize=(6.4 * len(shown), CURVE_HEIGHT), squeeze=False)

@@ -27,12 +27,12 @@ from eps.config import choose_device, set_threads, write_json
 from eps.data.index import labels_of, read_classes, read_index, split_rows
 from eps.data.io import atomic_path, open_h5, read_image
 from eps.errors import EpsError
-from eps.losses import classification_loss, saliency_loss
+from eps.losses import classification_loss, foreground_share, saliency_loss
 from eps.models import build_classifier, load_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-LOG_FIELDS = ["iteration", "loss", "loss_cls", "loss_sal", "lr", "seconds"]
+LOG_FIELDS = ["iteration", "loss", "loss_cls", "loss_sal", "fg_share", "lr", "seconds"]
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -345,11 +345,17 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
             logits, cam = net(image)
             loss_cls = classification_loss(logits, label)
             loss_sal = torch.zeros((), device=device)
+            fg_share = ""
             if eps_loss:
-                loss_sal = saliency_loss(
-                    cam, item["saliency"].to(device), label, params["tau"], params["lam"],
-                    selection=params["selection"], background_classes=job.bg_idx,
-                )[0]
+                # selection_warmup: adaptive selection starts after this many naive iterations
+                selection = params["selection"]
+                if selection == "adaptive" and step < params["selection_warmup"]:
+                    selection = "naive"
+                sal = item["saliency"].to(device)
+                loss_sal = saliency_loss(cam, sal, label, params["tau"], params["lam"],
+                                         selection=selection, background_classes=job.bg_idx)[0]
+                fg_share = foreground_share(cam, sal, label, params["tau"], params["selection"], job.bg_idx)
+                fg_share = f"{fg_share:.4f}"
             loss = loss_cls + loss_sal
             if world == 1:
                 shown = (loss.item(), loss_cls.item(), loss_sal.item())
@@ -370,7 +376,8 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
                 continue
             writer.writerow({
                 "iteration": done, "loss": f"{shown[0]:.6f}", "loss_cls": f"{shown[1]:.6f}",
-                "loss_sal": f"{shown[2]:.6f}", "lr": f"{lr:.6g}", "seconds": f"{time.time() - t0:.2f}",
+                "loss_sal": f"{shown[2]:.6f}", "fg_share": fg_share, "lr": f"{lr:.6g}",
+                "seconds": f"{time.time() - t0:.2f}",
             })
             bar.set_postfix(loss=f"{shown[0]:.4f}", lr=f"{lr:.4g}")
             if done % int(params["checkpoint_every"]) == 0 or done == total:

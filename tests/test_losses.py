@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eps.errors import EpsError
-from eps.losses import classification_loss, saliency_loss
+from eps.losses import classification_loss, foreground_share, saliency_loss, select_foreground
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "eps_loss_reference.npz"
@@ -102,3 +102,19 @@ def test_classification_loss_ignores_background_logit():
     changed = logits.clone()
     changed[0, 3] = -9.0
     torch.testing.assert_close(classification_loss(changed, labels), expected)
+
+
+def test_select_foreground_and_the_logged_share():
+    cam, saliency, labels = _two_class_case()
+    probs = F.softmax(cam, dim=1)
+    small = F.interpolate(saliency, size=(2, 2))
+    assert select_foreground(probs, small, 2, 0.4).flatten().tolist() == [True, False]
+    assert select_foreground(probs, small, 2, 0.4, "naive").flatten().tolist() == [True, True]
+    assert select_foreground(probs, small, 2, 0.4, "predefined", [0]).flatten().tolist() == [False, True]
+    # the share counts labelled classes only: one of two on the foreground side
+    assert foreground_share(cam, saliency, labels, 0.4) == 0.5
+    assert foreground_share(cam, saliency, torch.tensor([[1.0, 0.0]]), 0.4) == 1.0
+    assert foreground_share(cam, saliency, labels, 0.4, "naive") == 1.0
+    # a map with no pixel over 0.5 (a fresh head) overlaps nothing: background side
+    flat = torch.zeros(1, 3, 2, 2)
+    assert foreground_share(flat, saliency, labels, 0.4) == 0.0

@@ -218,6 +218,23 @@ def test_missed_class_context_and_miss_rate(tmp_path):
     assert means[1.0] < 0.2 < 0.5 < means[0.0]
 
 
+def test_missed_class_missed_only_beside_another_class(tmp_path):
+    """sal_miss_rate_alone: the dominant-object detector misses the class only when it has company."""
+    root = tmp_path / "d"
+    generate(root, num_train=60, num_val=0, size=48, sal_miss_rate=1.0, sal_miss_rate_alone=0.0)
+    labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    alone, beside = [], []
+    for image_id in _ids(root, "train"):
+        seg, _, sal = _load(root, image_id)
+        missed = seg == len(CLASSES)
+        if missed.sum() >= 16:
+            (alone if labels[image_id].sum() == 1 else beside).append((sal[missed] / 255).mean())
+    assert len(alone) >= 3 and len(beside) >= 3
+    assert np.mean(beside) < 0.2 < 0.5 < np.mean(alone)
+    with pytest.raises(EpsError, match="sal_miss_rate_alone"):
+        generate(tmp_path / "bad", num_train=2, num_val=0, size=48, sal_miss_rate_alone=1.5)
+
+
 @pytest.mark.parametrize("to_border", [True, False])
 def test_ground_like_context_runs_out_of_the_frame(tmp_path, to_border):
     """rail, water, grass and branch span the width with stuff_to_border, and never do without it."""

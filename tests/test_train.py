@@ -103,6 +103,21 @@ def test_training_writes_classifier_meta_and_log(tiny, tmp_path, loss):
     assert logits.shape == (1, k) and cam.shape == (1, k, 4, 4)
 
 
+def test_fg_share_logged_and_selection_warmup_starts_naive(tiny, tmp_path):
+    """selection_warmup: the first iterations of an adaptive run are exactly a naive run's."""
+    naive = read_log(train(tiny, tmp_path / "naive", selection="naive").parent / "train_log.csv")
+    warm = read_log(train(tiny, tmp_path / "warm", selection_warmup=2).parent / "train_log.csv")
+    cold = read_log(train(tiny, tmp_path / "cold").parent / "train_log.csv")
+    assert losses(warm[:2]) == losses(naive[:2])
+    assert losses(cold[:1]) != losses(naive[:1])  # adaptive from the first iteration differs
+    assert all(r["fg_share"] == "1.0000" for r in naive)
+    # the adaptive share is logged during the warm-up too; a fresh head selects nothing
+    assert float(cold[0]["fg_share"]) == 0.0
+    assert all(0.0 <= float(r["fg_share"]) <= 1.0 for r in warm + cold)
+    cam_rows = read_log(train(tiny, tmp_path / "cam", saliency=False, loss="cam").parent / "train_log.csv")
+    assert all(r["fg_share"] == "" for r in cam_rows)
+
+
 def test_load_classifier_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(EpsError, match="missing.pt"):
         load_classifier(tmp_path / "missing.pt")

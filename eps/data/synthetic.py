@@ -76,6 +76,7 @@ class SynthConfig:
     missed_has_context: bool = False
     stuff_to_border: bool = True
     sal_miss_rate: float = 0.7
+    sal_miss_rate_alone: object = None
     sal_blur: float = 0.02
     sal_level: tuple = (0.75, 1.0)
     sal_missed_level: tuple = (0.0, 0.12)
@@ -113,8 +114,10 @@ def _check_config(cfg: SynthConfig) -> SynthConfig:
     if not 1 <= cfg.jpeg_quality <= 100:
         raise bad("jpeg_quality", f"must be in 1..100, got {cfg.jpeg_quality}")
     for key in ("cooccurrence", "context_without", "sal_drop_prob", "sal_miss_rate", "sal_spurious_prob",
-                "sal_context", "sal_noise", "sal_blur"):
+                "sal_context", "sal_noise", "sal_blur", "sal_miss_rate_alone"):
         value = getattr(cfg, key)
+        if key == "sal_miss_rate_alone" and value is None:
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             raise bad(key, f"must be a number in [0, 1], got {value!r}")
     if not 0.05 <= cfg.min_scale <= cfg.max_scale <= 0.9:
@@ -504,8 +507,11 @@ def _sample_image(rng, cfg, names, contexts, missed):
     sal = np.zeros(shape, np.float32)
     ctx_level = rng.uniform(0, cfg.sal_context)
     sal[ctx > 0] = ctx_level
+    miss_rate = cfg.sal_miss_rate
+    if cfg.sal_miss_rate_alone is not None and len(labels) == 1:
+        miss_rate = cfg.sal_miss_rate_alone
     for i, (c, _, _) in enumerate(objects):
-        if names[c] == missed and rng.random() < cfg.sal_miss_rate:
+        if names[c] == missed and rng.random() < miss_rate:
             level = rng.uniform(*cfg.sal_missed_level)
         elif rng.random() < cfg.sal_drop_prob:
             level = rng.uniform(0.2, 0.5)
@@ -573,6 +579,9 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     - sal_missed_level=(0.0, 0.12): saliency level range on objects of the missed class.
     - sal_miss_rate=0.7: fraction of the missed class's objects the detector misses (real
       detectors miss a hard class most of the time, not always).
+    - sal_miss_rate_alone=None: the missed class's miss rate in images without another class
+      (None = `sal_miss_rate`). A detector that highlights the dominant object misses the
+      hard class mostly when something more salient is in the picture.
     - sal_drop_prob=0.05: probability that another object is partly missed (level 0.2-0.5).
     - sal_context=0.1: upper bound of the (low) saliency level on context stuff.
     - sal_spurious_prob=0.3: probability of 1-2 spurious saliency blobs in an image.
