@@ -145,6 +145,8 @@ def parallel_map(func, jobs, workers: int):
 
 def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, workers: int = 1) -> Path:
     """CRF pseudo-masks of one CAM shard -> a mask shard (format ``eps.masks``) at `out`."""
+    from eps.infer import read_cams  # torch: only for the stage that reads CAM shards
+
     kernel_params(params)  # fail early on a bad preset / value
     if params.get("background", "threshold") not in ("threshold", "power"):
         raise EpsError(f"crf.background: unknown value {params['background']!r} (threshold, power)")
@@ -159,9 +161,8 @@ def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, wor
 
         def jobs():
             for image_id in ids:
-                ds = src[image_id]
-                yield (image_id, paths[image_id], ds[()], np.asarray(ds.attrs["classes"]),
-                       bool(ds.attrs["background"]), params)
+                maps, classes, background = read_cams(src, image_id)
+                yield image_id, paths[image_id], maps, classes, background, params
 
         with atomic_h5(out, "eps.masks", dataset) as dst:
             for image_id, mask in tqdm(parallel_map(_refine_job, jobs(), workers), total=len(ids),

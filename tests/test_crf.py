@@ -10,7 +10,7 @@ import pytest
 from eps.crf import (CRF_DEFAULTS, PRESETS, boundary_f1, cam_scores, dense_crf, kernel_params,
                      refine_cam_shard, refine_cams)
 from eps.errors import EpsError
-from eps.infer import mask_from_maps
+from eps.infer import mask_from_maps, write_cams
 
 
 def direct_crf(image, probs, bi_w, bi_xy, bi_rgb, pos_w, pos_xy, iterations):
@@ -132,9 +132,8 @@ def world(tmp_path_factory):
             present = np.array(labels if k else [], np.int16)  # the first image: no labels
             maps = [cv2.GaussianBlur((gt == c + 1).astype(np.float32), (0, 0), 3) for c in present]
             maps = [m / max(m.max(), 1e-5) for m in maps] + [np.ones(gt.shape, np.float32)]  # + EPS bg channel
-            ds = f.create_dataset(image_id, data=np.stack(maps).astype(np.float16))
-            ds.attrs["classes"] = present
-            ds.attrs["background"] = True
+            # one full-size "scale": upsampling to its own size is the identity
+            write_cams(f, image_id, [np.stack(maps)], present, True, gt.shape)
     return {"index": index, "cams": cams, "ids": list(rows["id"]), "masks": dict(zip(rows["id"], rows["mask"]))}
 
 

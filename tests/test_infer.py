@@ -19,7 +19,8 @@ from PIL import Image
 import eps.infer as infer_mod
 from eps.config import INFER_DEFAULTS, TRAIN_DEFAULTS
 from eps.errors import EpsError
-from eps.infer import export_pngs, infer_cams, mask_from_maps, multiscale_cams, pseudo_masks
+from eps.infer import (export_pngs, infer_cams, mask_from_maps, multiscale_cams, multiscale_parts, pseudo_masks,
+                       read_cams, upsample_sum, write_cams)
 
 UNLABELLED = "syn_val_00001"
 
@@ -53,7 +54,8 @@ def world(tmp_path_factory) -> dict:
         classifiers[loss] = train_classifier(index, root / loss / "classifier.pt", p, saliency_shards=[sal])
     ids = [line for line in (root / "ids" / "val.txt").read_text().split()]
     labels = {i: [int(c) for c in s.split()] for i, s in zip(df["id"], df["labels"])}
-    return {"root": root, "index": index, "classifiers": classifiers, "ids": ids, "labels": labels}
+    rows = dict(zip(df["id"], df["image"]))
+    return {"root": root, "index": index, "classifiers": classifiers, "ids": ids, "labels": labels, "rows": rows}
 
 
 def infer_params(**overrides) -> dict:
@@ -159,9 +161,16 @@ def test_scales_are_summed_at_input_size():
 
 
 def read_shard(path):
+    """Attributes and {id: (array, attrs)}; CAM entries as their full-size maps (read_cams)."""
     with h5py.File(path, "r") as f:
         attrs = dict(f.attrs)
-        items = {k: (f[k][()], dict(f[k].attrs)) for k in f.keys()}
+        if attrs["format"] == "eps.cams":
+            items = {}
+            for k in f.keys():
+                maps, classes, background = read_cams(f, k)
+                items[k] = (maps, {"classes": classes, "background": background, **dict(f[k].attrs)})
+        else:
+            items = {k: (f[k][()], dict(f[k].attrs)) for k in f.keys()}
     return attrs, items
 
 
@@ -176,8 +185,9 @@ def test_infer_cams_writes_normalised_maps_of_the_labelled_classes(world, tmp_pa
     background = loss == "eps" and keep  # the EPS background map only on request
     for image_id, (maps, a) in items.items():
         labels = world["labels"][image_id]
-        assert maps.dtype == np.float16
+        assert maps.dtype == np.float32
         assert maps.shape == (len(labels) + background, 40, 40)
+        assert list(a["size"]) == [40, 40]
         assert list(a["classes"]) == labels
         assert bool(a["background"]) is background
         assert np.all(np.isfinite(maps)) and maps.min(initial=0) >= 0 and maps.max(initial=0) <= 1.001
@@ -186,6 +196,62 @@ def test_infer_cams_writes_normalised_maps_of_the_labelled_classes(world, tmp_pa
             assert abs(peak - 1.0) < 2e-3 or peak == 0.0, f"{image_id}: map max {peak}"
     assert items[UNLABELLED][0].shape == ((1, 40, 40) if background else (0, 40, 40))
     assert not leftovers(tmp_path)
+
+
+def test_cam_shard_keeps_per_scale_maps_and_reads_back_the_full_size_sum(world, tmp_path):
+    """Lossless: the shard's per-scale maps give exactly the float32 sum computed at full size."""
+    from eps.train import load_classifier
+
+    params = infer_params(scales=[0.5, 1.0, 1.5], flip=True)
+    out = infer_cams(world["index"], world["classifiers"]["eps"], tmp_path / "cams.h5", "val", "1-of-1", params)
+    model, _ = load_classifier(world["classifiers"]["eps"])
+    model = infer_mod.prepare_model(model, "cpu")
+    with h5py.File(out, "r") as f:
+        for image_id in world["ids"]:
+            labels = world["labels"][image_id]
+            group = f[image_id]
+            # one float32 dataset per scale at CAM resolution (small backbone: output stride 8)
+            assert [group[str(i)].shape for i in range(len(group))] == [(len(labels), 3, 3), (len(labels), 5, 5),
+                                                                       (len(labels), 8, 8)]
+            assert all(group[str(i)].dtype == np.float32 for i in range(len(group)))
+            row = world["rows"][image_id]
+            pixels = torch.from_numpy(np.array(infer_mod.read_image(row))).permute(2, 0, 1)[None]
+            direct = multiscale_cams(model, pixels, params["scales"], True, True, channels=labels)[0].numpy()
+            if labels:
+                direct = direct / (direct.max(axis=(1, 2), keepdims=True) + 1e-5)
+            maps, classes, background = read_cams(f, image_id)
+            assert list(classes) == labels and background is False
+            np.testing.assert_allclose(maps, direct, rtol=0, atol=1e-5)
+
+
+def test_upsample_sum_of_parts_is_multiscale_cams_and_full_size_part_is_identity():
+    from eps.models import build_classifier
+
+    torch.manual_seed(0)
+    model = infer_mod.prepare_model(build_classifier("small", 3), "cpu")
+    images = torch.randint(0, 256, (2, 3, 24, 32), dtype=torch.uint8)
+    parts = multiscale_parts(model, images, [0.5, 1.0], True, True)
+    assert [tuple(p.shape) for p in parts] == [(2, 4, 2, 2), (2, 4, 3, 4)]
+    torch.testing.assert_close(upsample_sum(parts, (24, 32)), multiscale_cams(model, images, [0.5, 1.0], True, True))
+    full = torch.rand(1, 2, 24, 32)
+    assert torch.equal(upsample_sum([full], (24, 32)), full)
+
+
+def test_cam_entry_of_the_old_layout_is_refused(tmp_path):
+    from eps.data.io import atomic_h5
+
+    path = tmp_path / "old.h5"
+    with atomic_h5(path, "eps.cams", "t") as f:
+        f.create_dataset("img1", data=np.zeros((1, 4, 4), np.float16))
+        write_cams(f, "img2", [np.ones((1, 2, 2), np.float32)], np.array([0]), False, (4, 4))
+    with h5py.File(path, "r") as f:
+        with pytest.raises(EpsError, match=r"old\.h5: 'img1' is not a CAM entry of this eps version"):
+            read_cams(f, "img1")
+        maps, classes, _ = read_cams(f, "img2")
+    assert maps.shape == (1, 4, 4) and np.allclose(maps, 1.0, atol=1e-4) and list(classes) == [0]
+    with pytest.raises(EpsError, match="not a CAM entry"):
+        pseudo_masks(path, tmp_path / "masks.h5", "t", {"bg_threshold": 0.2})
+    assert not (tmp_path / "masks.h5").exists()
 
 
 def test_shards_partition_the_split_and_masks_follow_the_rule(world, tmp_path):
@@ -197,7 +263,7 @@ def test_shards_partition_the_split_and_masks_follow_the_rule(world, tmp_path):
     assert sorted(parts[0]) == sorted(ids[:2]) and sorted(parts[1]) == sorted(ids[2:])
     for part in parts:
         for image_id, (maps, _) in part.items():  # batching does not change the maps
-            np.testing.assert_allclose(maps.astype(np.float32), whole[image_id][0].astype(np.float32), atol=2e-3)
+            np.testing.assert_allclose(maps, whole[image_id][0], atol=1e-5)
 
     mask_shards = [pseudo_masks(tmp_path / f"cams-{i}.h5", tmp_path / f"masks-{i}.h5", "t", {"bg_threshold": 0.2})
                    for i in (1, 2)]
@@ -260,7 +326,7 @@ def test_failures_leave_no_output_and_no_tmp(world, tmp_path, monkeypatch):
     with pytest.raises(EpsError, match="unknown split 'test'"):
         infer_cams(world["index"], world["classifiers"]["eps"], out, "test", "1-of-1", infer_params())
 
-    real = infer_mod.normalised_maps
+    real = infer_mod.write_cams
     calls = []
 
     def fail_on_third(*args):  # fails half-way through writing the shard
@@ -269,7 +335,7 @@ def test_failures_leave_no_output_and_no_tmp(world, tmp_path, monkeypatch):
             raise EpsError("boom: simulated failure")
         return real(*args)
 
-    monkeypatch.setattr(infer_mod, "normalised_maps", fail_on_third)
+    monkeypatch.setattr(infer_mod, "write_cams", fail_on_third)
     with pytest.raises(EpsError, match="boom"):
         infer_cams(world["index"], world["classifiers"]["eps"], out, "val", "1-of-1", infer_params(batch_size=1))
     assert len(calls) == 3
