@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         if refine_cam_shard is not None:
             from eps.data.index import make_row, write_index
             from eps.data.io import atomic_h5, open_h5
+            from eps.infer import write_cams
 
             index = work / "index.csv"
             write_index([make_row(i, path, labels=classes, splits=["train"]) for i, path, _, classes in items],
@@ -150,9 +151,8 @@ def main(argv=None) -> int:
             shard = work / "cams.h5"
             with atomic_h5(shard, "eps.cams", "bench") as f:
                 for image_id, _, maps, classes in items:
-                    ds = f.create_dataset(image_id, data=maps)
-                    ds.attrs["classes"] = classes.astype(np.int16)
-                    ds.attrs["background"] = False
+                    # one full-size "scale" (upsampling to its own size is the identity)
+                    write_cams(f, image_id, [maps], classes, False, maps.shape[1:])
 
             def eps_run(workers):
                 def run():

@@ -2,19 +2,20 @@
 
 Inputs: the real VOC photos of ``../shared/data/voc12_sample`` at their own size with their
 real image-level labels (seeded synthetic scenes and labels when absent). Maps: multi-scale
-+ flip CAMs from ``eps.infer.iter_cams`` with a seeded random small backbone (smooth maps
-upsampled from stride 8, as trained CAMs are), for the EPS classifier (labelled classes +
-the background map) and the CAM baseline (labelled classes).
++ flip CAMs from ``eps.infer.iter_cam_parts`` with a seeded random small backbone (output
+stride 8, as ResNet-38), for the EPS classifier (labelled classes + the background map) and
+the CAM baseline (labelled classes).
 
 - eps: one ``eps.cams`` shard written as the ``infer_cams`` stage writes it
-  (``eps.infer.write_cams``: the labelled classes' maps, float16, byte shuffle + gzip 1; the
-  EPS background map is left out, as the official code leaves it out); bytes = file size / images.
+  (``eps.infer.write_cams``: each scale's maps of the labelled classes at CAM resolution,
+  float32, byte shuffle + gzip 1; the EPS background map is left out, as the official code
+  leaves it out); bytes = file size / images.
 - official (``infer.py --cam_npy``): per image ``np.save(f"{id}.npy", cam_dict)``, a
   pickled dict class -> float32 map at image size; bytes = sum of file sizes / images.
 
-Also shown: the shard with the EPS background map (``infer.keep_background``), without the
-byte shuffle (the first eps writer), and (lossy, not eps's format) with maps quantised to uint8, to say
-where the bytes go and what a format change would buy.
+Also shown: the shard with the EPS background map (``infer.keep_background``), and eps's
+earlier format (the full-size normalised sum as float16, shuffle + gzip 1), to say where the
+bytes go.
 """
 
 from __future__ import annotations
@@ -65,21 +66,27 @@ def load_inputs(count: int, seed: int, max_side: int):
     return out
 
 
-def write_shard(path: Path, entries, options=None, drop_background=False) -> int:
-    """Write `entries` (id, maps, present, background) as an eps.cams shard; return its size."""
+def write_shard(path: Path, entries, drop_background=False) -> int:
+    """Write `entries` (id, parts, present, background, size) as an eps.cams shard; return its size."""
     from eps.data.io import atomic_h5
     from eps.infer import write_cams
 
     with atomic_h5(path, "eps.cams", "bench") as f:
-        for image_id, maps, present, background in entries:
+        for image_id, parts, present, background, size in entries:
             if drop_background and background:
-                maps, background = maps[:-1], False
-            if options is None:
-                write_cams(f, image_id, maps, present, background)
-            else:
-                ds = f.create_dataset(image_id, data=maps.astype(np.float16), **options)
-                ds.attrs["classes"] = present.astype(np.int16)
-                ds.attrs["background"] = background
+                parts, background = [p[:-1] for p in parts], False
+            write_cams(f, image_id, parts, present, background, size)
+    return path.stat().st_size
+
+
+def write_full_size_float16(path: Path, entries) -> int:
+    """eps's earlier CAM format: the full-size normalised maps (no background), float16, shuffle + gzip 1."""
+    from eps.data.io import atomic_h5
+
+    with atomic_h5(path, "eps.cams", "bench") as f:
+        for image_id, maps, present, _ in entries:
+            f.create_dataset(image_id, data=maps[:len(present)].astype(np.float16), compression="gzip",
+                             compression_opts=1, shuffle=True)
     return path.stat().st_size
 
 
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.max_side = 6, 128
     _common.header("disk", "cpu", argv)
-    from eps.infer import iter_cams, prepare_model
+    from eps.infer import iter_cam_parts, maps_from_parts, prepare_model
     from eps.models import build_classifier
 
     inputs = load_inputs(args.images, args.seed, args.max_side)
@@ -122,28 +129,24 @@ def main(argv=None) -> int:
             background = loss == "eps"
             torch.manual_seed(args.seed)
             model = prepare_model(build_classifier("small", NUM_CLASSES, background=background), "cpu")
-            entries = [(inputs[k][0], maps, present, background)
-                       for k, maps, present in iter_cams(model, images, labels, params, background, "cpu")]
+            stored = [(inputs[k][0], parts, present, background, images[k].shape[:2])
+                      for k, parts, present in iter_cam_parts(model, images, labels, params, background, "cpu")]
+            # the full-size maps the official code saves (and eps's pseudo-mask stage computes)
+            entries = [(i, maps_from_parts(parts, size, b), present, b) for i, parts, present, b, size in stored]
             n = len(entries)
             official = official_npy(work / loss / "npy", entries) / n
             # as infer_cams writes it: the EPS background map left out (infer.keep_background: false)
-            eps = write_shard(work / loss / "cams.h5", entries, drop_background=True) / n
-            plain = write_shard(work / loss / "plain.h5", entries,
-                                {"compression": "gzip", "compression_opts": 1}) / n
+            eps = write_shard(work / loss / "cams.h5", stored, drop_background=True) / n
             print(f"[{loss}] official .npy: {official / 1024:8.1f} KiB/image")
             print(f"[{loss}] eps shard:     {eps / 1024:8.1f} KiB/image = {100 * eps / official:.1f}% of the official "
-                  f"(labelled classes, float16, shuffle + gzip 1)")
+                  f"(labelled classes, per-scale maps at CAM resolution, float32, shuffle + gzip 1)")
             if background:
-                kept = write_shard(work / loss / "kept.h5", entries) / n
+                kept = write_shard(work / loss / "kept.h5", stored) / n
                 print(f"[{loss}]   with the background map (infer.keep_background: true): "
                       f"{kept / 1024:.1f} KiB/image = {100 * kept / official:.1f}%")
-            print(f"[{loss}]   every map, gzip 1 without shuffle (the first eps writer): {plain / 1024:.1f} KiB/image = "
-                  f"{100 * plain / official:.1f}%")
-            quantised = [(i, np.round(np.clip(m, 0, 1) * 255).astype(np.uint8), c, b) for i, m, c, b in entries]
-            q = write_shard(work / loss / "uint8.h5", quantised,
-                            {"compression": "gzip", "compression_opts": 1}) / n
-            print(f"[{loss}]   lossy alternative, not eps's format: maps quantised to uint8 (steps of 1/255), "
-                  f"gzip 1: {q / 1024:.1f} KiB/image = {100 * q / official:.1f}%")
+            before = write_full_size_float16(work / loss / "full16.h5", entries) / n
+            print(f"[{loss}]   eps's earlier format (full-size sum, float16, shuffle + gzip 1): "
+                  f"{before / 1024:.1f} KiB/image = {100 * before / official:.1f}%")
             rows.append((loss, eps / official, eps, official))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,10 +9,11 @@ end in pseudo-masks (background threshold 0.20, argmax):
   forward per scale and per flip (batch of 1), softmax (EPS) and bilinear upsampling per
   forward, numpy flips, ``np.sum`` over the 8 maps, max-normalisation, a (21, H, W) score
   tensor with the threshold in channel 0, argmax. Nothing is written to disk.
-- eps (``eps.infer``: ``prepare_model``, ``iter_cams``, ``write_cams``, ``pseudo_masks``):
+- eps (``eps.infer``: ``prepare_model``, ``iter_cam_parts``, ``write_cams``, ``pseudo_masks``):
   images read with ``read_image``, equal-size images batched with their flips per scale,
-  CAMs written to an HDF5 shard (float16, gzip), then the pseudo-mask stage reads that
-  shard and writes the mask shard. Its disk writes are inside the timing.
+  each scale's maps written to an HDF5 shard at CAM resolution (float32, gzip), then the
+  pseudo-mask stage reads that shard (upsampling and summing the scales) and writes the
+  mask shard. Its disk writes are inside the timing.
 
 Figures: images/s of each path (median of interleaved repeats), the speed-up, and the
 agreement of the final pseudo-masks (share of equal pixels over all images).
@@ -170,36 +171,33 @@ def official_masks(model, items, scales, device, background: bool, thr: float) -
 def eps_masks(model, items, params: dict, device, background: bool, thr: float, work: Path) -> dict:
     """eps.infer's stage path: read images, batched multi-scale CAMs -> HDF5 shard -> mask shard.
 
-    Returns the two shard paths and, for the agreement figures only, the float32 maps before
-    storage (id -> (maps, classes)); `read_eps` reads the shards back, outside the timing."""
+    Returns the two shard paths; `read_eps` reads them back, outside the timing."""
     from eps.data.io import atomic_h5, read_image
-    from eps.infer import iter_cams, pseudo_masks, write_cams
+    from eps.infer import iter_cam_parts, pseudo_masks, write_cams
 
     ids = [i for i, _, _ in items]
     images = [read_image(p) for _, p, _ in items]
     labels = np.stack([lab for _, _, lab in items])
     cams_path, masks_path = work / "cams.h5", work / "masks.h5"
     amp = bool(params["amp"]) and device.type == "cuda"
-    unstored = {}
     with atomic_h5(cams_path, "eps.cams", "bench") as f:
-        for k, maps, present in iter_cams(model, images, labels, params, background, device, amp):
-            write_cams(f, ids[k], maps, present, background)
-            unstored[ids[k]] = (maps, present)
+        for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, amp,
+                                                keep_background=False):
+            write_cams(f, ids[k], parts, present, False, images[k].shape[:2])
     pseudo_masks(cams_path, masks_path, "bench", {"bg_threshold": thr})
-    return {"cams": cams_path, "masks": masks_path, "unstored": unstored}
+    return {"cams": cams_path, "masks": masks_path}
 
 
 def read_eps(run: dict) -> dict:
-    """id -> (mask from the mask shard, {class: map as stored (float16)}, float32 maps, classes)."""
+    """id -> (mask from the mask shard, {class: normalised map read back from the CAM shard})."""
     from eps.data.io import open_h5
+    from eps.infer import read_cams
 
     out = {}
     with open_h5(run["masks"], "eps.masks", "bench") as fm, open_h5(run["cams"], "eps.cams", "bench") as fc:
         for image_id in fm.keys():
-            maps = fc[image_id][()].astype(np.float32)
-            classes = fc[image_id].attrs["classes"]
-            out[image_id] = (fm[image_id][()], {int(c): maps[i] for i, c in enumerate(classes)},
-                             *run["unstored"][image_id])
+            maps, classes, _ = read_cams(fc, image_id)
+            out[image_id] = (fm[image_id][()], {int(c): maps[i] for i, c in enumerate(classes)})
     return out
 
 
@@ -214,7 +212,7 @@ def tensor_resize_masks(model, items, params: dict, device, background: bool, th
         x = torch.from_numpy(normalize(read_image(path)))[None].to(device)
         summed = multiscale_cams(model, x, params["scales"], params["flip"], background).cpu().numpy()[0]
         present = np.flatnonzero(label)
-        maps = normalised_maps(summed, present, background).astype(np.float16)
+        maps = normalised_maps(summed, present, background)
         out[image_id] = mask_from_maps(maps, present, background, thr)
     return out
 
@@ -268,23 +266,7 @@ def run_backbone(backbone: str, args, work: Path) -> dict:
     t_off, t_eps = _common.median(times["official"]), _common.median(times["eps"])
     off, got = results["official"], read_eps(results["eps"])
     agree, worst = agreement(off, got)
-    from eps.infer import mask_from_maps
-
-    unstored = {k: mask_from_maps(v[2], v[3], background, args.thr) for k, v in got.items()}
-    agree32, worst32 = agreement(off, unstored)
     map_diff = max(float(np.abs(off[k][1][c] - got[k][1][c]).max()) for k in off for c in off[k][1])
-    map_diff32 = max(float(np.abs(off[k][1][int(c)] - got[k][2][i]).max())
-                     for k in off for i, c in enumerate(got[k][3]))
-    # near ties: pixels whose two best official scores (threshold included) differ by less
-    # than float16's resolution near 1 (2^-11): storage rounding alone may flip them
-    ties = total = same_off_tie = 0
-    for k in off:
-        scores = np.stack([np.full_like(next(iter(off[k][1].values())), args.thr)] + list(off[k][1].values()))
-        top2 = np.sort(scores, axis=0)[-2:]
-        tie = (top2[1] - top2[0]) < 2.0 ** -11
-        ties += int(tie.sum())
-        total += tie.size
-        same_off_tie += int(np.count_nonzero((off[k][0] == got[k][0])[~tie]))
     fg = np.mean([np.count_nonzero(m[0]) / m[0].size for m in off.values()])
     classes = sorted({int(v) for m in off.values() for v in np.unique(m[0])})
     shapes = sorted({Image.open(p).size for _, p, _ in items})
@@ -294,14 +276,11 @@ def run_backbone(backbone: str, args, work: Path) -> dict:
     print(f"[{backbone}] eps:           {fmt_rate(len(items), times['eps'])}")
     print(f"[{backbone}] speed-up {t_off / t_eps:.2f}x (median over median; best over best "
           f"{min(times['official']) / min(times['eps']):.2f}x)")
-    print(f"[{backbone}] mask agreement {100 * agree:.4f}% (lowest image {100 * worst:.3f}%) from eps's float16 "
-          f"shard; {100 * agree32:.4f}% (lowest {100 * worst32:.3f}%) from its float32 maps before storage")
-    print(f"[{backbone}] max |normalised map difference|: {map_diff:.2e} as stored (float16), "
-          f"{map_diff32:.2e} before storage")
-    print(f"[{backbone}] official masks: {100 * fg:.1f}% foreground, values {classes}; near-tie pixels "
-          f"(top-2 score margin < 2^-11): {100 * ties / total:.3f}%; agreement off them "
-          f"{100 * same_off_tie / max(total - ties, 1):.4f}%")
-    row = {"backbone": backbone, "speedup": t_off / t_eps, "agreement": agree, "agreement32": agree32,
+    print(f"[{backbone}] mask agreement {100 * agree:.4f}% (lowest image {100 * worst:.3f}%), "
+          f"masks and maps read back from eps's shards")
+    print(f"[{backbone}] max |normalised map difference|: {map_diff:.2e}; official masks: {100 * fg:.1f}% "
+          f"foreground, values {classes}")
+    row = {"backbone": backbone, "speedup": t_off / t_eps, "agreement": agree,
            "eps_ips": len(items) / t_eps, "official_ips": len(items) / t_off}
     if args.compare_tensor_resize:
         prev = tensor_resize_masks(eps_model, items, params, device, background, args.thr)
@@ -363,12 +342,11 @@ def main(argv=None) -> int:
     target = 3.0 if args.device.startswith("cuda") else 1.3
     need = 0.995 if args.device.startswith("cuda") else 0.999
     parts = [f"{r['backbone']} {r['speedup']:.2f}x ({r['eps_ips']:.3g} vs {r['official_ips']:.3g} img/s), "
-             f"agreement {100 * r['agreement']:.3f}% (float32 maps {100 * r['agreement32']:.3f}%)" for r in rows]
+             f"agreement {100 * r['agreement']:.3f}%" for r in rows]
     speed = all(r["speedup"] >= target for r in rows)
     agree = all(r["agreement"] >= need for r in rows)
-    agree32 = all(r["agreement32"] >= need for r in rows)
     verdict = (f"speed >= {target}x {'met' if speed else 'NOT met'}, agreement >= {100 * need:.1f}% "
-               f"{'met' if agree else 'NOT met'} ({'met' if agree32 else 'NOT met'} from float32 maps)")
+               f"{'met' if agree else 'NOT met'}")
     _common.summary(f"infer_cams: {'; '.join(parts)}; {verdict}")
     return 0
 

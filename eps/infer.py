@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -238,22 +237,22 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
 
 
 def write_cams(f, image_id: str, parts, present: np.ndarray, background: bool, size) -> None:
-    """One image's maps into an open `eps.cams` shard: a group of float32 per-scale maps.
+    """One image's maps into an open `eps.cams` shard: its per-scale maps side by side, float32.
 
-    The group `{image_id}` holds datasets "0", "1", ... (one per scale, (K, h_s, w_s) at CAM
-    resolution) and the attributes classes, background and size (H, W); `read_cams` gives
-    the full-size normalised maps. The upsampled sum is a function of these maps, so keeping
-    them instead of it is lossless and about 1/8 of the pixels at output stride 8. Byte
-    shuffle + gzip 1.
+    Dataset `f[image_id]` is (K, sum of h_s * w_s): scale s's (K, h_s, w_s) maps at CAM
+    resolution, flattened, one scale after the other; attributes classes, background, size
+    (H, W) and shapes (h_s, w_s per scale). `read_cams` gives the full-size normalised maps.
+    The upsampled sum is a function of these maps, so keeping them instead of it is lossless
+    and about 1/8 of the pixels at output stride 8. Byte shuffle + gzip 1.
     """
-    group = f.create_group(image_id)
-    for i, part in enumerate(parts):
-        part = np.asarray(part, np.float32)
-        packed = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if part.size else {}
-        group.create_dataset(str(i), data=part, **packed)
-    group.attrs["classes"] = np.asarray(present).astype(np.int16)
-    group.attrs["background"] = bool(background)
-    group.attrs["size"] = np.asarray(size, np.int32)
+    parts = [np.asarray(p, np.float32) for p in parts]
+    flat = np.concatenate([p.reshape(p.shape[0], p.shape[1] * p.shape[2]) for p in parts], axis=1)
+    packed = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if flat.size else {}
+    ds = f.create_dataset(image_id, data=flat, **packed)
+    ds.attrs["classes"] = np.asarray(present).astype(np.int16)
+    ds.attrs["background"] = bool(background)
+    ds.attrs["size"] = np.asarray(size, np.int32)
+    ds.attrs["shapes"] = np.asarray([p.shape[1:] for p in parts], np.int32).reshape(-1, 2)
 
 
 def read_cams(shard, image_id: str):
@@ -261,14 +260,18 @@ def read_cams(shard, image_id: str):
 
     maps: float32 (K, H, W) max-normalised, the present classes' (and the background's, last).
     """
-    group = shard[image_id]
-    if not isinstance(group, h5py.Group) or "size" not in group.attrs:
+    ds = shard[image_id]
+    if "shapes" not in ds.attrs:
         raise EpsError(f"{shard.filename}: {image_id!r} is not a CAM entry of this eps version "
                        f"(rerun infer_cams)")
-    parts = [group[str(i)][()] for i in range(len(group))]
-    background = bool(group.attrs["background"])
-    maps = maps_from_parts(parts, tuple(int(v) for v in group.attrs["size"]), background)
-    return maps, np.asarray(group.attrs["classes"], np.int64), background
+    flat = ds[()]
+    parts, start = [], 0
+    for h, w in np.asarray(ds.attrs["shapes"]).reshape(-1, 2):
+        parts.append(flat[:, start:start + h * w].reshape(-1, h, w))
+        start += h * w
+    background = bool(ds.attrs["background"])
+    maps = maps_from_parts(parts, tuple(int(v) for v in ds.attrs["size"]), background)
+    return maps, np.asarray(ds.attrs["classes"], np.int64), background
 
 
 def mask_from_maps(maps: np.ndarray, classes: np.ndarray, background: bool, bg_threshold: float) -> np.ndarray:

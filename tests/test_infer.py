@@ -209,11 +209,10 @@ def test_cam_shard_keeps_per_scale_maps_and_reads_back_the_full_size_sum(world, 
     with h5py.File(out, "r") as f:
         for image_id in world["ids"]:
             labels = world["labels"][image_id]
-            group = f[image_id]
-            # one float32 dataset per scale at CAM resolution (small backbone: output stride 8)
-            assert [group[str(i)].shape for i in range(len(group))] == [(len(labels), 3, 3), (len(labels), 5, 5),
-                                                                       (len(labels), 8, 8)]
-            assert all(group[str(i)].dtype == np.float32 for i in range(len(group)))
+            entry = f[image_id]
+            # the scales' maps at CAM resolution side by side (small backbone: output stride 8)
+            assert entry.dtype == np.float32 and entry.shape == (len(labels), 9 + 25 + 64)
+            assert entry.attrs["shapes"].tolist() == [[3, 3], [5, 5], [8, 8]]
             row = world["rows"][image_id]
             pixels = torch.from_numpy(np.array(infer_mod.read_image(row))).permute(2, 0, 1)[None]
             direct = multiscale_cams(model, pixels, params["scales"], True, True, channels=labels)[0].numpy()
@@ -243,7 +242,8 @@ def test_cam_entry_of_the_old_layout_is_refused(tmp_path):
     path = tmp_path / "old.h5"
     with atomic_h5(path, "eps.cams", "t") as f:
         f.create_dataset("img1", data=np.zeros((1, 4, 4), np.float16))
-        write_cams(f, "img2", [np.ones((1, 2, 2), np.float32)], np.array([0]), False, (4, 4))
+        write_cams(f, "img2", [np.ones((1, 2, 2), np.float32), np.ones((1, 1, 1), np.float32)], np.array([0]),
+                   False, (4, 4))
     with h5py.File(path, "r") as f:
         with pytest.raises(EpsError, match=r"old\.h5: 'img1' is not a CAM entry of this eps version"):
             read_cams(f, "img1")
