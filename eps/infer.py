@@ -82,7 +82,7 @@ def multiscale_parts(model, images: torch.Tensor, scales, flip: bool, background
     official code does (`resize_pixels`) and then normalised, or an already normalised float
     batch, resized on the tensor (torch bicubic).
 
-    `channels` (indices into the K maps): only these are upsampled and summed, in this
+    `channels` (indices into the K maps): only these are kept, in this
     order, and the results have len(channels) maps; the softmax still spans all K.
     """
     n, _, h, w = images.shape
@@ -195,14 +195,6 @@ def maps_from_parts(parts, size, background: bool) -> np.ndarray:
     summed = upsample_sum([torch.from_numpy(np.ascontiguousarray(p))[None] for p in parts], size)[0].numpy()
     count = summed.shape[0] - int(background)
     return normalised_maps(summed, np.arange(count), background)
-
-
-def iter_cams(model, images, labels, params: dict, background: bool, device, amp: bool = False,
-              keep_background: bool = True):
-    """Yield `(k, maps, present)`: `iter_cam_parts` with the parts made into full-size normalised maps."""
-    keep = background and keep_background
-    for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, amp, keep):
-        yield k, maps_from_parts(parts, images[k].shape[:2], keep), present
 
 
 def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params: dict) -> Path:
