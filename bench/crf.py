@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         if refine_cam_shard is not None:
             from eps.data.index import make_row, write_index
             from eps.data.io import atomic_h5, open_h5
-            from eps.infer import write_cams
+            from eps.infer import read_cams, write_cams
 
             index = work / "index.csv"
             write_index([make_row(i, path, labels=classes, splits=["train"]) for i, path, _, classes in items],
@@ -153,6 +153,9 @@ def main(argv=None) -> int:
                 for image_id, _, maps, classes in items:
                     # one full-size "scale" (upsampling to its own size is the identity)
                     write_cams(f, image_id, [maps], classes, False, maps.shape[1:])
+            # both paths refine the maps as the shard gives them back (read_cams re-normalises)
+            with open_h5(shard, "eps.cams", "bench") as f:
+                jobs = [(path, read_cams(f, i)[0], classes) for i, path, _, classes in items]
 
             def eps_run(workers):
                 def run():
