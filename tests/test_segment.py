@@ -34,16 +34,9 @@ def _one_thread(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """Synthetic world (12 train / 4 val, 40 px), its index; ground truth stands for pseudo-masks."""
-    from eps.data.index import build_index
-    from eps.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("seg")
-    generate(root / "data", num_train=12, num_val=4, size=40, seed=3)
-    index = root / "index.csv"
-    build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
-    return {"index": index, "masks": root / "data" / "SegmentationClass", "root": root}
+def tiny(tiny_world) -> dict:
+    """The shared tiny synthetic world; its ground truth stands for pseudo-masks."""
+    return tiny_world
 
 
 def params(**overrides) -> dict:
