@@ -44,7 +44,7 @@ def saliency_loss(cam, saliency, labels, tau, lam, selection="adaptive", backgro
     probs = F.softmax(cam, dim=1)
     present = labels.bool().view(n, c, 1, 1)
 
-    is_fg = select_foreground(probs, saliency, c, tau, selection, background_classes)
+    is_fg = select_foreground(probs, saliency, tau, selection, background_classes)
     fg_mask = (present & is_fg).to(probs.dtype)
     bg_mask = (present & ~is_fg).to(probs.dtype)
     fg_map = (probs[:, :c] * fg_mask).sum(1, keepdim=True)
@@ -54,11 +54,12 @@ def saliency_loss(cam, saliency, labels, tau, lam, selection="adaptive", backgro
     return loss, fg_map, bg_map, sal_pred
 
 
-def select_foreground(probs, saliency, c, tau, selection="adaptive", background_classes=()):
+def select_foreground(probs, saliency, tau, selection="adaptive", background_classes=()):
     """Map selection: a boolean (N or 1, C, 1, 1), True where a class explains the salient region.
 
     probs: (N, C+1, h, w) softmax scores; saliency: (N, 1, h, w) in [0, 1] at the same size.
     """
+    c = probs.shape[1] - 1
     if selection == "adaptive":
         fg_bin = torch.round(probs[:, :c].detach())
         overlap = (fg_bin * torch.round(saliency)).flatten(2).sum(-1)
@@ -85,6 +86,6 @@ def foreground_share(cam, saliency, labels, tau, selection="adaptive", backgroun
     """
     c = labels.shape[1]
     saliency = F.interpolate(saliency, size=cam.shape[-2:])
-    is_fg = select_foreground(F.softmax(cam, dim=1), saliency, c, tau, selection, background_classes)
+    is_fg = select_foreground(F.softmax(cam, dim=1), saliency, tau, selection, background_classes)
     present = labels.bool().view(labels.shape[0], c, 1, 1)
     return float((present & is_fg).sum() / present.sum().clamp(min=1))

@@ -108,9 +108,9 @@ def test_select_foreground_and_the_logged_share():
     cam, saliency, labels = _two_class_case()
     probs = F.softmax(cam, dim=1)
     small = F.interpolate(saliency, size=(2, 2))
-    assert select_foreground(probs, small, 2, 0.4).flatten().tolist() == [True, False]
-    assert select_foreground(probs, small, 2, 0.4, "naive").flatten().tolist() == [True, True]
-    assert select_foreground(probs, small, 2, 0.4, "predefined", [0]).flatten().tolist() == [False, True]
+    assert select_foreground(probs, small, 0.4).flatten().tolist() == [True, False]
+    assert select_foreground(probs, small, 0.4, "naive").flatten().tolist() == [True, True]
+    assert select_foreground(probs, small, 0.4, "predefined", [0]).flatten().tolist() == [False, True]
     # the share counts labelled classes only: one of two on the foreground side
     assert foreground_share(cam, saliency, labels, 0.4) == 0.5
     assert foreground_share(cam, saliency, torch.tensor([[1.0, 0.0]]), 0.4) == 1.0
