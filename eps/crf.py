@@ -51,6 +51,9 @@ CRF_DEFAULTS = {
     "background": "threshold",  # threshold (constant bg_threshold) | power ((1 - max) ** alpha)
     "bg_threshold": 0.20,
     "alpha": 4.0,
+    # run the CRF on the image and scores resized by this factor (kernel widths in pixels
+    # scaled with them), then resize its marginals back: 0.5 is 4x cheaper on large photos
+    "scale": 1.0,
 }
 
 
@@ -117,9 +120,27 @@ def refine_cams(image: np.ndarray, maps: np.ndarray, classes, background_channel
     if len(classes) == 0:
         return np.zeros((h, w), np.uint8)
     scores = cam_scores(maps, background_channel, params)
-    q = dense_crf(image, scores, params)
+    scale = float(params.get("scale", 1.0))
+    if scale == 1.0:
+        q = dense_crf(image, scores, params)
+    else:
+        q = _dense_crf_scaled(image, scores, params, scale)
     values = np.concatenate([[0], classes + 1]).astype(np.uint8)
     return values[np.argmax(q, axis=0)]
+
+
+def _dense_crf_scaled(image: np.ndarray, scores: np.ndarray, params: dict, scale: float) -> np.ndarray:
+    """dense_crf on the image and scores resized by `scale`; marginals resized back (bilinear)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    small_scores = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in scores])
+    k = kernel_params(params)
+    k["bi_xy"], k["pos_xy"] = k["bi_xy"] * scale, k["pos_xy"] * scale
+    q = dense_crf(small, small_scores, k)
+    return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in q])
 
 
 def _refine_job(job):
@@ -148,6 +169,9 @@ def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, wor
     from eps.infer import read_cams  # torch: only for the stage that reads CAM shards
 
     kernel_params(params)  # fail early on a bad preset / value
+    scale = params.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+        raise EpsError(f"crf.scale: expected a number in (0, 1], got {scale!r}")
     if params.get("background", "threshold") not in ("threshold", "power"):
         raise EpsError(f"crf.background: unknown value {params['background']!r} (threshold, power)")
     index = read_index(index_csv)

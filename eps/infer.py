@@ -285,28 +285,29 @@ def pseudo_masks(cams_shard, out, dataset: str, params: dict) -> Path:
     return Path(out)
 
 
-def export_pngs(mask_shards, out_dir, dataset: str) -> Path:
-    """Write every mask of the shards as a VOC-palette PNG `{id}.png` in `out_dir`."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
+def _is_png(name: str) -> bool:
+    return name.endswith(".png")
 
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def export_pngs(mask_shards, out_dir, dataset: str) -> Path:
+    """Write every mask of the shards as a VOC-palette PNG `{id}.png` in `out_dir`.
+
+    An existing `out_dir` is replaced only if an earlier export wrote it (eps.data.io.OWNER_FILE)
+    and it holds nothing but PNGs; anything else is refused before any work.
+    """
+    import shutil
+
+    from eps.data.io import check_replaceable, commit_output_dir, new_output_dir
+
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, "export-masks", _is_png)
+    tmp = new_output_dir(out_dir)
     try:
         for shard in mask_shards:
             with open_h5(shard, "eps.masks", dataset) as f:
                 for image_id in f.keys():
                     write_index_png(tmp / f"{image_id}.png", f[image_id][()])
-    except BaseException:
-        import shutil
-
+        commit_output_dir(tmp, out_dir, "export-masks", _is_png)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     return out_dir

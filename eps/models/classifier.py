@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eps.errors import EpsError
+from eps.models.efficientnet import Lite0Backbone
 from eps.models.resnet38 import ResNet38
 from eps.models.small import SmallNet
 
@@ -19,7 +20,12 @@ BACKBONES = {
     "resnet38": ResNet38,
     "small": SmallNet,
     "small_os4": lambda: SmallNet(output_stride=4),
+    # output stride 16: on a 2-core CPU a training step at stride 8 is 6.6x slower (docs/benchmarks.md)
+    "efficientnet_lite0": lambda: Lite0Backbone(output_stride=16),
+    "efficientnet_lite0_os8": lambda: Lite0Backbone(output_stride=8),
 }
+# Backbones whose ImageNet weights come with an installed package (weights: null loads them).
+PACKAGED_WEIGHTS = ("efficientnet_lite0", "efficientnet_lite0_os8")
 
 
 class Classifier(nn.Module):

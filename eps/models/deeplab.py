@@ -1,8 +1,8 @@
 """DeepLab segmenters: V1 (LargeFOV) and V2 (ASPP) over VGG16 or ResNet-101, and a small CPU net.
 
 ``build_segmenter(name, num_classes)`` returns a ``Segmenter``: ``forward(x)`` gives logits
-``(N, num_classes, ceil(H/8), ceil(W/8))`` (output stride 8; the trainer and the predictor
-upsample them bilinearly to the label / image size).
+``(N, num_classes, ceil(H/s), ceil(W/s))`` (output stride s = 8, 16 for EfficientNet-Lite0; the
+trainer and the predictor upsample them bilinearly to the label / image size).
 
 - ``deeplab_v1_*`` (LargeFOV): fc6 3x3 dilated by 12 (1024 channels) + ReLU + dropout, fc7
   1x1 (1024) + ReLU + dropout, fc8 1x1 classifier. VGG16 keeps DeepLab-LargeFOV's
@@ -15,6 +15,10 @@ upsample them bilinearly to the label / image size).
   VGG16 with DeepLab's 3x3 pools (pool1-3 stride 2 pad 1, pool4 / pool5 stride 1) and
   conv5 dilated by 2. ResNet-101
   keeps BatchNorm frozen (statistics and affine parameters) in training, as DeepLab does.
+- ``deeplab_v1_efficientnet_lite0`` / ``deeplab_v2_efficientnet_lite0``: the classifier's
+  ImageNet EfficientNet-Lite0 (``eps.models.efficientnet``, output stride 16, frozen BN) with
+  LargeFOV (fc6 rate 6, width 256) or the ResNet-style ASPP (rates 3, 6, 9, 12): DeepLab's
+  rates halved for the doubled stride. ``weights: null`` loads the installed package's weights.
 - ``deeplab_small``: the small CPU backbone of the classifier (``eps.models.small``,
   GroupNorm, output stride 8) plus a small ASPP (rates 1, 2, 4; 3x3 conv 64 + GN + ReLU + 1x1
   classifier per branch, summed). Trains in about a minute on CPU at 96x96.
@@ -39,7 +43,10 @@ import torch.nn.functional as F
 from eps.errors import EpsError
 
 SEGMENTERS = ("deeplab_v1_vgg16", "deeplab_v2_vgg16", "deeplab_v1_resnet101", "deeplab_v2_resnet101",
-              "deeplab_small")
+              "deeplab_small", "deeplab_v1_efficientnet_lite0", "deeplab_v2_efficientnet_lite0")
+# Segmenters whose ImageNet backbone weights come with an installed package (weights: null loads them).
+PACKAGED_SEGMENTERS = ("deeplab_v1_efficientnet_lite0", "deeplab_v2_efficientnet_lite0")
+LITE0_WIDTH = 256  # LargeFOV fc6 / fc7 width on Lite0: a quarter of VGG's 1024, for CPU training
 ASPP_RATES = (6, 12, 18, 24)
 SMALL_RATES = (1, 2, 4)
 HEAD_PREFIXES = ("fc.", "classifier.", "fc8.", "aspp.")  # heads of files that never load into a backbone
@@ -241,7 +248,20 @@ def build_segmenter(name: str, num_classes: int, caffe: bool = False) -> Segment
     if caffe and not name.endswith("resnet101"):
         raise EpsError(f"segmenter: the Caffe DeepLab layout exists for ResNet-101 only, not {name!r}")
     k = int(num_classes)
-    if name == "deeplab_small":
+    if name in PACKAGED_SEGMENTERS:
+        from eps.models.efficientnet import Lite0Backbone
+
+        # output stride 16 as the classifier's Lite0 (docs/segmentation.md): the rates are
+        # DeepLab's (12; 6, 12, 18, 24) halved, the same field of view in pixels
+        backbone = Lite0Backbone(output_stride=16)
+        if name.startswith("deeplab_v1"):
+            head = LargeFOV(backbone.out_channels, k, rate=6, width=LITE0_WIDTH)
+        else:
+            convs = [nn.Conv2d(backbone.out_channels, k, 3, padding=r // 2, dilation=r // 2) for r in ASPP_RATES]
+            for conv in convs:
+                _init_classifier(conv)
+            head = ASPP(convs)
+    elif name == "deeplab_small":
         backbone = SmallBackbone()
         head = ASPP([_small_branch(backbone.out_channels, k, r) for r in SMALL_RATES])
     elif name.endswith("vgg16"):

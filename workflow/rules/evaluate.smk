@@ -71,7 +71,8 @@ if SEG_ENABLED:
     SUMMARY_STAGES.append(("segmenter", SEG_SPLIT))
     if SEG_CRF:
         SUMMARY_STAGES.append(("segmenter_crf", SEG_SPLIT))
-SUMMARY_ENTRIES = [(v, stage, split) for stage, split in SUMMARY_STAGES for v in VARIANTS]
+SUMMARY_ENTRIES = [(v, stage, split) for stage, split in SUMMARY_STAGES
+                   for v in (SEG_VARIANTS if stage.startswith("segmenter") else VARIANTS)]
 
 rule summary:
     input:

@@ -20,7 +20,9 @@ REPORT_FIGURES = {
 if SEG_ENABLED:
     REPORT_FIGURES["seg_curves"] = f"{REPORT_DIR}/segmenter_curves.png"
 # segmenter training logs by variant
-REPORT_SEG_LOGS = {v: f"{RESULTS}/{v}/{SEG_NAME}/train_log.csv" for v in VARIANTS} if SEG_ENABLED else {}
+REPORT_SEG_LOGS = {v: f"{RESULTS}/{v}/{SEG_NAME}/train_log.csv" for v in SEG_VARIANTS} if SEG_ENABLED else {}
+if SEG_ENABLED and REPORT_METHOD not in SEG_VARIANTS:
+    raise ValueError(f"segmenter.variants: must include the report's method {REPORT_METHOD!r}")
 REPORT_TARGETS = [f"{RESULTS}/tables.md", f"{REPORT_DIR}/tables.html", *REPORT_FIGURES.values()] + [
     f"{REPORT_DIR}/per_class/{v}_{stage}.png" for v, stage, _ in REPORT_BARS
 ]

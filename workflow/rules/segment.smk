@@ -10,6 +10,11 @@ SEG_PRED = SEG["predict"]
 SEG_SPLIT = SEG_PRED["split"]
 SEG_CRF = bool(SEG_PRED["crf"])
 SEG_DIR = f"{RESULTS}/{{variant}}/{SEG_NAME}"
+# the variants a segmenter is trained for (segmenter.variants; null = every variant)
+SEG_VARIANTS = list(SEG.get("variants") or VARIANTS)
+for _v in SEG_VARIANTS:
+    if _v not in VARIANTS:
+        raise ValueError(f"segmenter.variants: unknown variant {_v!r} (variants: {', '.join(VARIANTS)})")
 
 # where each evaluated stage keeps its PNGs, relative to results/{ds}/{variant}/
 STAGE_DIRS = {
@@ -20,7 +25,7 @@ STAGE_DIRS = {
 }
 
 # the segmenter block as train-segmenter receives it: without the prediction sub-block
-SEG_TRAIN = with_device({k: v for k, v in SEG.items() if k != "predict"})
+SEG_TRAIN = with_device({k: v for k, v in SEG.items() if k not in ("predict", "variants")})
 PREDICT_OUTPUTS = {"pred": f"{SEG_DIR}/pred/{{split}}/shard-{{scatteritem}}.h5"}
 if SEG_CRF:
     PREDICT_OUTPUTS["crf"] = f"{SEG_DIR}/pred_crf/{{split}}/shard-{{scatteritem}}.h5"
@@ -183,6 +188,6 @@ rule server_layout:
     input:
         expand(
             f"{RESULTS}/{{variant}}/{SEG_NAME}/server/{{split}}/results/VOC2012/Segmentation/comp6_test_cls",
-            variant=VARIANTS,
+            variant=SEG_VARIANTS,
             split=[SEG_PRED["test_split"]] if SEG_PRED["test_split"] else [],
         ),
