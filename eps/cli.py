@@ -388,9 +388,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# arguments that name files or folders a command reads, and those it writes
+INPUT_ARGS = ("images", "index", "cams", "classifier", "masks", "model", "pred", "gt", "ids", "saliency",
+              "shards", "weights", "context", "classes", "boundary_gt", "src")
+OUTPUT_ARGS = ("out", "crf_out", "dst")
+
+
+def check_outputs_are_not_inputs(args) -> None:
+    """An output that is one of the command's inputs is refused before any work (a folder that
+    holds inputs is never replaced either: eps.data.io.check_replaceable)."""
+    def paths(names):
+        for name in names:
+            value = getattr(args, name, None)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, (str, Path)) and str(item):
+                    yield name, Path(item).resolve()
+
+    inputs = list(paths(INPUT_ARGS))
+    for out_name, out in paths(OUTPUT_ARGS):
+        for in_name, path in inputs:
+            if path == out:
+                flag = "--" + out_name.replace("_", "-")
+                raise EpsError(f"{out}: the output ({flag}) is also an input (--{in_name.replace('_', '-')} "
+                               f"{path}); choose another output")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs_are_not_inputs(args)
         args.func(args)
     except EpsError as exc:
         message = " ".join(str(exc).splitlines())  # one line, whatever the message holds

@@ -147,6 +147,15 @@ def _read_same_size(path: Path, shape, what: str) -> np.ndarray:
     return mask
 
 
+def _check_labels(path: Path, pred: np.ndarray, n: int) -> None:
+    """A prediction holds classes 0..n-1 and void 255 only: anything else (a grey map given
+    as a mask, masks of a dataset with more classes) is a bad input, not void."""
+    if pred.size and int(pred.max()) >= n:
+        bad = np.unique(pred[(pred >= n) & (pred != 255)])
+        if len(bad):
+            raise fail(path, f"prediction value {int(bad[0])} is not a class (0..{n - 1}) or void (255)")
+
+
 def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
     """Histogram and per-pair false-positive counts over a chunk of ids (a Pool task)."""
     pred_dir, gt_dir, ids, n, context_dir, pairs = job
@@ -154,7 +163,9 @@ def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
     fp = np.zeros(len(pairs), np.int64)
     for image_id in ids:
         gt = read_index_png(Path(gt_dir) / f"{image_id}.png")
-        pred = _read_same_size(Path(pred_dir) / f"{image_id}.png", gt.shape, "prediction")
+        pred_path = Path(pred_dir) / f"{image_id}.png"
+        pred = _read_same_size(pred_path, gt.shape, "prediction")
+        _check_labels(pred_path, pred, n)
         hist += confusion(gt, pred, n)
         if pairs:
             ctx = read_context(context_dir, image_id, gt.shape)
@@ -349,8 +360,10 @@ def _load_mat_field(path: Path, fields, what: str):
 # Void (values >= num_classes, 255) is no label: edges are taken on the map with void
 # filled by the nearest labelled pixel, so void creates no boundary of its own (a void
 # fragment inside one region gives none, a VOC void band between object and background
-# gives one boundary along its middle), and predicted edges on void ground-truth pixels
-# are neither counted nor penalised.
+# gives one boundary along its middle). A predicted edge inside a void band is where the
+# true boundary lies: it counts, matched; one in void that holds no boundary (inside one
+# region) is neither counted nor penalised. A prediction equal to the ground truth (void
+# filled or not) scores precision = recall = 1.
 
 BOUNDARY_TOLERANCE = 2
 
@@ -395,6 +408,21 @@ def _distance_to(edges: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(~edges)
 
 
+def _void_band(gt: np.ndarray, num_classes: int, gt_edges: np.ndarray) -> np.ndarray:
+    """Void pixels (bool) of the void regions that hold a ground-truth boundary: VOC's band
+    between an object and what surrounds it, as opposed to void inside one region."""
+    from scipy import ndimage
+
+    void = gt >= num_classes
+    if not void.any():
+        return void
+    regions, count = ndimage.label(void)
+    holding = np.zeros(count + 1, bool)
+    holding[np.unique(regions[void & gt_edges])] = True
+    holding[0] = False
+    return holding[regions]
+
+
 def boundary_counts(pred, gt, num_classes: int, tolerance: float = BOUNDARY_TOLERANCE,
                     gt_edges=None) -> np.ndarray:
     """[matched predicted, predicted, matched ground truth, ground truth] edge pixels of one image.
@@ -414,8 +442,11 @@ def boundary_counts(pred, gt, num_classes: int, tolerance: float = BOUNDARY_TOLE
         gt_edges = np.asarray(gt_edges, bool)
         if gt_edges.shape != gt.shape:
             raise ValueError(f"gt edges and gt differ in size: {gt_edges.shape} vs {gt.shape}")
-    counted = pred_edges & (gt < n)  # predicted edges on void ground truth are not judged
-    matched_pred = np.count_nonzero(counted & (_distance_to(gt_edges) <= tolerance))
+    band = _void_band(gt, n, gt_edges)
+    # predicted edges on labelled pixels, and in a void band (where the true boundary lies:
+    # matched by it); edges in void that holds no boundary (inside one region) are not judged
+    counted = pred_edges & ((gt < n) | band)
+    matched_pred = np.count_nonzero(counted & (band | (_distance_to(gt_edges) <= tolerance)))
     matched_gt = np.count_nonzero(gt_edges & (_distance_to(pred_edges) <= tolerance))
     return np.array([matched_pred, np.count_nonzero(counted), matched_gt, np.count_nonzero(gt_edges)], np.int64)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,34 @@ def test_predicted_edges_on_void_are_not_judged():
     pred = square(32, 20, 28)  # an object inside the void half only
     s = boundary_scores(pred, gt, 2)
     assert s["pred_edges"] == 0 and s["gt_edges"] == 0
+
+
+def test_an_edge_inside_a_void_band_is_matched_to_the_boundary_in_that_band():
+    gt = square(64, 20, 40)
+    ring = square(64, 17, 43) & ~square(64, 23, 37).astype(bool)
+    gt[ring.astype(bool)] = 255  # a VOC void band 6 px wide around the object
+    pred = square(64, 18, 42)  # its edge 1 px inside the band's outer side, 2 px off its middle
+    s = boundary_scores(pred, gt, 2, tolerance=1)
+    assert s["pred_edges"] > 0 and s["matched_pred"] == s["pred_edges"]
+    # outside the band the tolerance still applies: an edge 6 px out is unmatched
+    far = boundary_scores(square(64, 12, 48), gt, 2, tolerance=1)
+    assert far["pred_edges"] > 0 and far["matched_pred"] == 0
+
+
+SHARED_MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc12_photos" / "SegmentationClassAug"
+
+
+def test_a_perfect_prediction_scores_one_on_real_voc_masks():
+    if not SHARED_MASKS.is_dir():
+        pytest.skip("../shared/data/voc12_photos not found (real VOC masks)")
+    from eps.data.io import read_index_png
+
+    gts = [read_index_png(p) for p in sorted(SHARED_MASKS.glob("*.png"))[:40]]
+    assert sum(int((g == 255).sum()) for g in gts) > 10000  # the void bands are there
+    for pred in ([fill_void(g, 21) for g in gts], gts):
+        s = boundary_scores(pred, gts, 21)
+        assert s["precision"] == s["recall"] == s["f1"] == 1.0
+        assert s["pred_edges"] == s["gt_edges"] > 10000
 
 
 def test_size_mismatch_is_an_error():

@@ -79,6 +79,19 @@ def test_crf_sharpens_a_blurred_map(preset):
     assert (after == gt).mean() > (before == gt).mean()
 
 
+def test_crf_at_half_size_still_sharpens_and_gives_a_full_size_mask():
+    image, gt, probs = scene(96, 112)
+    gt = np.where(gt > 0, gt, 0)
+    maps = probs[1:]  # class maps of classes 0 and 1 (values 1, 2); the background is a threshold
+    params = {**CRF_DEFAULTS, "bg_threshold": 0.3}
+    full = refine_cams(image, maps, [0, 1], False, params)
+    half = refine_cams(image, maps, [0, 1], False, {**params, "scale": 0.5})
+    before = mask_from_maps(maps, np.array([0, 1]), False, 0.3)
+    assert half.shape == full.shape == gt.shape
+    assert (half == full).mean() > 0.97
+    assert boundary_f1(half, gt) > boundary_f1(before, gt) + 0.1
+
+
 def test_boundary_f1():
     _, gt, _ = scene()
     assert boundary_f1(gt, gt) == 1.0

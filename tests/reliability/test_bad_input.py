@@ -156,6 +156,14 @@ def test_evaluate_masks_prediction_of_another_size(eval_dirs):
     assert json.loads((eval_dirs["out"] / "metrics.json").read_text())["miou"] == 1.0
 
 
+def test_evaluate_masks_prediction_values_that_are_no_class(eval_dirs):
+    bad = eval_dirs["pred"] / f"{ID}.png"
+    grey = np.full((32, 32), 128, np.uint8)  # a raw grey map given as a prediction
+    Image.fromarray(grey, mode="L").save(bad)
+    assert_user_error(evaluate(eval_dirs), bad, "prediction value 128 is not a class (0..5) or void (255)")
+    assert not eval_dirs["out"].exists() or not any(eval_dirs["out"].iterdir())
+
+
 # ---------------------------------------------------------------------------- missing files, ids
 
 

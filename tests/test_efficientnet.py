@@ -1,0 +1,127 @@
+"""EfficientNet-Lite0: the published network with its ImageNet weights, dilated for CAMs and DeepLab."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eps.errors import EpsError
+from eps.models import build_classifier, build_segmenter
+from eps.models.efficientnet import EfficientNetLite0, Lite0Backbone, imagenet_weights_path, load_lite0
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc12_photos"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def imagenet_lite0():
+    return load_lite0(EfficientNetLite0(output_stride=32), with_fc=True).eval()
+
+
+def test_logits_equal_the_published_architecture(imagenet_lite0):
+    published = pytest.importorskip("efficientnet_lite_pytorch", reason="test extra efficientnet-lite-pytorch absent")
+    ref = published.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(imagenet_weights_path()))
+    ref.eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = ref(x), imagenet_lite0.classify(x)
+    assert expected.shape == got.shape == (2, 1000)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+DOGS = range(151, 269)   # ImageNet-1k classes 151-268: dog breeds
+CATS = range(281, 286)   # 281-285: domestic cats
+
+
+def _imagenet_crop(path) -> torch.Tensor:
+    """The usual ImageNet evaluation input: short side 256 (bilinear), centre 224, mean / std."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    s = 256 / min(w, h)
+    image = image.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - 224) // 2, (h - 224) // 2
+    x = np.asarray(image.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+    x = (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_imagenet_top5_finds_the_cats_and_dogs_of_real_voc_photos(imagenet_lite0):
+    if not PHOTOS.is_dir():
+        pytest.skip("../shared/data/voc12_photos not found (real VOC photos)")
+    labels = np.load(PHOTOS / "cls_labels.npy", allow_pickle=True).item()
+    cat, dog = 7, 11  # 0-based VOC class indices
+    ids = [i for i in (PHOTOS / "ImageSets/Segmentation/train.txt").read_text().split()
+           if labels[i].sum() == 1 and (labels[i][cat] or labels[i][dog])]
+    assert len(ids) == 437
+    hits = top1 = 0
+    for start in range(0, len(ids), 32):
+        batch = ids[start:start + 32]
+        x = torch.stack([_imagenet_crop(PHOTOS / "JPEGImages" / f"{i}.jpg") for i in batch])
+        with torch.no_grad():
+            top5 = imagenet_lite0.classify(x).topk(5, dim=1).indices
+        for image_id, classes in zip(batch, top5.tolist()):
+            wanted = DOGS if labels[image_id][dog] else CATS
+            hits += any(c in wanted for c in classes)
+            top1 += classes[0] in wanted
+    assert hits / len(ids) >= 0.85, (hits, top1, len(ids))
+    assert top1 / len(ids) >= 0.6, (hits, top1, len(ids))
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_dilated_backbone_keeps_the_weights_and_gives_dense_maps(stride, imagenet_lite0):
+    backbone = load_lite0(Lite0Backbone(output_stride=stride))
+    assert not any(k.startswith("_fc.") for k in backbone.state_dict())
+    reference = imagenet_lite0.state_dict()
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    backbone.train()
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 64, 96))
+    assert features.shape == (2, 1280, 64 // stride, 96 // stride)
+    # frozen: BatchNorm statistics did not move in train mode; BN, stem and stride-4 stages not trained
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert "_blocks.3._expand_conv.weight" in trainable and "_conv_head.weight" in trainable
+    assert not any(n.startswith(("_conv_stem", "_blocks.0.", "_blocks.2.")) for n in trainable)
+    assert not any("_bn" in n for n in trainable)
+
+
+def test_classifier_on_lite0_has_the_usual_heads_and_groups():
+    model = build_classifier("efficientnet_lite0", 8, background=True)
+    assert model.output_stride == 16 and model.fc8.out_channels == 9
+    logits, cam = model(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 9) and cam.shape == (1, 9, 4, 4)
+    groups = model.get_parameter_groups()
+    assert [len(g) for g in groups[2:]] == [1, 0]  # the head: fc8 weight, no bias
+    assert len(groups[0]) > 10 and not groups[1]  # Lite0 convs have no bias; BN is frozen
+    cam_model = build_classifier("efficientnet_lite0", 8, background=False)
+    assert cam_model.fc8.out_channels == 8
+
+
+def test_lite0_weights_of_another_network_are_refused(tmp_path):
+    wrong = tmp_path / "w.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3, 1, 1)}, wrong)
+    with pytest.raises(EpsError, match="w.pth: not EfficientNet-Lite0 weights: missing keys"):
+        load_lite0(Lite0Backbone(), wrong)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(EpsError, match="junk.pth: not a PyTorch weights file"):
+        load_lite0(Lite0Backbone(), junk)
+
+
+@pytest.mark.parametrize("name", ["deeplab_v1_efficientnet_lite0", "deeplab_v2_efficientnet_lite0"])
+def test_segmenters_on_lite0(name):
+    model = build_segmenter(name, 9)
+    load_lite0(model.backbone)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 96, 64))
+    assert logits.shape == (1, 9, 6, 4)
+    groups = model.get_parameter_groups()
+    assert groups[2] and groups[3]  # the head's weights and biases (10x / 20x lr)
