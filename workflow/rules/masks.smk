@@ -20,7 +20,7 @@ rule infer_cams:
         "../../envs/eps.yaml"
     shell:
         "EPS_THREADS={threads} eps infer-cams --index {input.index} --classifier {input.classifier} "
-        "--split {wildcards.split} --shard {wildcards.scatteritem} --params '{params.infer}' "
+        "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.infer:q} "
         "--out {output} > {log} 2>&1"
 
 
@@ -40,7 +40,7 @@ rule pseudo_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps pseudo-masks --cams {input} --dataset {params.dataset} --params '{params.masks}' --out {output} > {log} 2>&1"
+        "eps pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
 
 
 rule export_masks:

@@ -100,4 +100,4 @@ rule report_figures:
         "EPS_THREADS={threads} eps report-figures --index {input.index} --split {params.split} "
         "{params.metrics} {params.train_logs} {params.seg_logs} {params.masks} "
         "--classifier {input.classifier} {params.segmenter} --saliency {input.saliency} "
-        "--params '{params.report}' --predict-params '{params.predict}' --out {params.out} > {log} 2>&1"
+        "--params {params.report:q} --predict-params {params.predict:q} --out {params.out} > {log} 2>&1"

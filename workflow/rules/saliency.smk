@@ -23,7 +23,7 @@ rule train_saliency:
         "../../envs/eps.yaml"
     shell:
         "EPS_THREADS={threads} eps train-saliency --method usps --index {input.index} --split {params.split} "
-        "--params '{params.train}' --device {params.device} --out {output} > {log} 2>&1"
+        "--params {params.train:q} --device {params.device} --out {output} > {log} 2>&1"
 
 
 rule saliency:
@@ -34,7 +34,7 @@ rule saliency:
         f"{RESULTS}/saliency/{{method}}/shard-{{scatteritem}}.h5",
     params:
         strict="--strict" if config["saliency"]["strict"] else "",
-        weights=lambda w, input: f"--weights {input.weights}" if input.weights else "",
+        weights=lambda w, input: f"--weights {shlex.quote(str(input.weights))}" if input.weights else "",
         device=config["device"],
         code=lambda w: saliency_code(w.method),
     threads: config["threads"]["infer"]

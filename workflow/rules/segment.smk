@@ -53,7 +53,7 @@ rule crf:
         "../../envs/eps.yaml"
     shell:
         "eps crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
-        "--params '{params.crf}' --workers {threads} --out {output} > {log} 2>&1"
+        "--params {params.crf:q} --workers {threads} --out {output} > {log} 2>&1"
 
 
 rule export_crf:
@@ -103,7 +103,7 @@ rule train_segmenter:
         "../../envs/eps.yaml"
     shell:
         "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
-        "--split {params.split} --params '{params.segmenter}' --out {output.model} > {log} 2>&1"
+        "--split {params.split} --params {params.segmenter:q} --out {output.model} > {log} 2>&1"
 
 
 rule predict:
@@ -115,7 +115,7 @@ rule predict:
     params:
         predict=as_json(with_device(SEG_PRED)),
         # --crf (the crf block's kernel) and --crf-out when predictions are CRF-refined
-        crf=lambda w, output: f"--crf '{as_json(CRF)}' --crf-out {output.crf}" if SEG_CRF else "",
+        crf=lambda w, output: f"--crf {shlex.quote(as_json(CRF))} --crf-out {shlex.quote(str(output.crf))}" if SEG_CRF else "",
         code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/crf.py", "eps/train.py", "eps/models"),
     wildcard_constraints:
         variant="[^/]+",
@@ -131,7 +131,7 @@ rule predict:
         "../../envs/eps.yaml"
     shell:
         "EPS_THREADS={threads} eps predict --index {input.index} --model {input.model} "
-        "--split {wildcards.split} --shard {wildcards.scatteritem} --params '{params.predict}' "
+        "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.predict:q} "
         "{params.crf} --workers {threads} --out {output.pred} > {log} 2>&1"
 
 
