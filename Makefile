@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine with Python 3.11 and pip:
 #   make demo   install into .venv and run the default pipeline (config.yaml)
 #   make test   install into .venv and run the test suite
+#   make install  only install (then: .venv/bin/snakemake --cores 2 ...; no activation needed)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,12 +9,14 @@ CORES  ?= 2
 # Rules call the `eps` command: put the virtual environment's bin first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-slow lint dry-run bench clean
+.PHONY: install demo test test-slow lint dry-run bench clean
 
 $(BIN)/eps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/eps
+
+install: $(BIN)/eps
 
 demo: $(BIN)/eps
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml

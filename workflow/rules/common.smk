@@ -1,9 +1,13 @@
 # Validation, shard helpers and parameter hashing shared by every rule.
 import hashlib
 import json
+import importlib.util
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
@@ -16,6 +20,22 @@ SPLITS = list(DATASET.get("splits", {"train": "train.txt", "val": "val.txt"}))
 EVAL_SPLITS = config["evaluation"]["splits"]
 VARIANTS = list(config["variants"])
 SAL_METHOD = config["saliency"]["method"]
+
+
+def eps_command():
+    """How the rules call eps: the `eps` on PATH, else the interpreter running Snakemake
+    (`python -m eps`: a virtual environment need not be activated); with --use-conda the
+    environment's own `eps`."""
+    methods = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", None) or ()
+    if shutil.which("eps") or any(getattr(m, "name", "") == "CONDA" for m in methods):
+        return "eps"
+    if importlib.util.find_spec("eps") is not None:
+        return f"{shlex.quote(sys.executable)} -m eps"
+    raise WorkflowError("eps is not installed for the Python running Snakemake and no `eps` is on PATH: "
+                        "run `make install` and then `.venv/bin/snakemake ...` (README.md, Install)")
+
+
+EPS = eps_command()
 
 
 scattergather:
