@@ -23,5 +23,5 @@ rule train_classifier:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} train-classifier --index {input.index} --split {params.split} "
+        "EPS_THREADS={threads} eps train-classifier --index {input.index} --split {params.split} "
         "--saliency {input.saliency} --params {params.classifier:q} --out {output.model} > {log} 2>&1"

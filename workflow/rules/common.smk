@@ -1,7 +1,7 @@
 # Validation, shard helpers and parameter hashing shared by every rule.
 import hashlib
 import json
-import importlib.util
+import os
 import shlex
 import shutil
 import sys
@@ -22,20 +22,25 @@ VARIANTS = list(config["variants"])
 SAL_METHOD = config["saliency"]["method"]
 
 
-def eps_command():
-    """How the rules call eps: the `eps` on PATH, else the interpreter running Snakemake
-    (`python -m eps`: a virtual environment need not be activated); with --use-conda the
-    environment's own `eps`."""
+envvars:
+    "PATH",  # rules call `eps` (find_eps); cluster jobs get the same PATH
+
+
+def find_eps():
+    """Rules call `eps`: when it is not on PATH but installed beside the Python running
+    Snakemake (`.venv/bin/snakemake` without activating .venv), that folder goes first on PATH
+    (jobs inherit it); with neither, stop before any job with one line saying what to do."""
+    here = Path(sys.executable).parent
+    if shutil.which("eps") is None and (here / "eps").is_file():
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
     methods = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", None) or ()
-    if shutil.which("eps") or any(getattr(m, "name", "") == "CONDA" for m in methods):
-        return "eps"
-    if importlib.util.find_spec("eps") is not None:
-        return f"{shlex.quote(sys.executable)} -m eps"
-    raise WorkflowError("eps is not installed for the Python running Snakemake and no `eps` is on PATH: "
-                        "run `make install` and then `.venv/bin/snakemake ...` (README.md, Install)")
+    with_conda = any(getattr(m, "name", "") == "CONDA" for m in methods)  # the environment brings its own
+    if shutil.which("eps") is None and not with_conda:
+        raise WorkflowError("the eps command is not installed beside this snakemake nor on PATH: "
+                            "run `make install`, then `.venv/bin/snakemake ...` (README.md, Install)")
 
 
-EPS = eps_command()
+find_eps()
 
 
 scattergather:

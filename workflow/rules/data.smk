@@ -15,7 +15,7 @@ rule synth:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} synth --out {params.out} --params {params.synth:q} > {log} 2>&1"
+        "eps synth --out {params.out} --params {params.synth:q} > {log} 2>&1"
 
 
 rule index:
@@ -35,4 +35,4 @@ rule index:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} index --dataset {params.dataset:q} --out {output.csv} > {log} 2>&1"
+        "eps index --dataset {params.dataset:q} --out {output.csv} > {log} 2>&1"

@@ -27,7 +27,7 @@ rule evaluate_saliency:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} eval-saliency --shards {input.shards} --gt {params.gt:q} --out {output} > {log} 2>&1"
+        "eps eval-saliency --shards {input.shards} --gt {params.gt:q} --out {output} > {log} 2>&1"
 
 
 rule evaluate_masks:
@@ -57,7 +57,7 @@ rule evaluate_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} evaluate-masks --pred {input.pred} --gt {params.gt:q} --ids {input.ids} "
+        "eps evaluate-masks --pred {input.pred} --gt {params.gt:q} --ids {input.ids} "
         "--num-classes {params.num_classes} --classes {input.classes} {params.context} {params.boundary} "
         "--workers {threads} --out {params.out} > {log} 2>&1"
 
@@ -92,4 +92,4 @@ rule summary:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} summary {params.entries} --out {output} > {log} 2>&1"
+        "eps summary {params.entries} --out {output} > {log} 2>&1"

@@ -19,7 +19,7 @@ rule infer_cams:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} infer-cams --index {input.index} --classifier {input.classifier} "
+        "EPS_THREADS={threads} eps infer-cams --index {input.index} --classifier {input.classifier} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.infer:q} "
         "--out {output} > {log} 2>&1"
 
@@ -40,7 +40,7 @@ rule pseudo_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
+        "eps pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
 
 
 rule export_masks:
@@ -58,4 +58,4 @@ rule export_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"

@@ -43,7 +43,7 @@ rule report_tables:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} report-tables --summary {input} --out {output.md} --html {output.html} > {log} 2>&1"
+        "eps report-tables --summary {input} --out {output.md} --html {output.html} > {log} 2>&1"
 
 
 rule report_figures:
@@ -97,7 +97,7 @@ rule report_figures:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} report-figures --index {input.index} --split {params.split} "
+        "EPS_THREADS={threads} eps report-figures --index {input.index} --split {params.split} "
         "{params.metrics} {params.train_logs} {params.seg_logs} {params.masks} "
         "--classifier {input.classifier} {params.segmenter} --saliency {input.saliency} "
         "--params {params.report:q} --predict-params {params.predict:q} --out {params.out} > {log} 2>&1"

@@ -22,7 +22,7 @@ rule train_saliency:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} train-saliency --method usps --index {input.index} --split {params.split} "
+        "EPS_THREADS={threads} eps train-saliency --method usps --index {input.index} --split {params.split} "
         "--params {params.train:q} --device {params.device} --out {output} > {log} 2>&1"
 
 
@@ -47,6 +47,6 @@ rule saliency:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} saliency --index {input.index} --method {wildcards.method} "
+        "EPS_THREADS={threads} eps saliency --index {input.index} --method {wildcards.method} "
         "--shard {wildcards.scatteritem} {params.weights} --device {params.device} "
         "{params.strict} --out {output} > {log} 2>&1"

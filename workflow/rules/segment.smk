@@ -52,7 +52,7 @@ rule crf:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
+        "eps crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
         "--params {params.crf:q} --workers {threads} --out {output} > {log} 2>&1"
 
 
@@ -74,7 +74,7 @@ rule export_crf:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
 
 rule train_segmenter:
@@ -102,7 +102,7 @@ rule train_segmenter:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} train-segmenter --index {input.index} --masks {input.masks} "
+        "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
         "--split {params.split} --params {params.segmenter:q} --out {output.model} > {log} 2>&1"
 
 
@@ -130,7 +130,7 @@ rule predict:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "EPS_THREADS={threads} {EPS} predict --index {input.index} --model {input.model} "
+        "EPS_THREADS={threads} eps predict --index {input.index} --model {input.model} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.predict:q} "
         "{params.crf} --workers {threads} --out {output.pred} > {log} 2>&1"
 
@@ -154,7 +154,7 @@ rule export_predictions:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
 
 # Test-set predictions in the layout of the PASCAL VOC evaluation server (only with
@@ -181,7 +181,7 @@ rule server_export:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "{EPS} export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
+        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
 
 rule server_layout:
