@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -114,7 +115,21 @@ def cmd_evaluate_masks(a):
     ids_path = Path(a.ids)
     if not ids_path.is_file():
         raise EpsError(f"{ids_path}: file not found")
-    ids = [line.strip() for line in ids_path.read_text().splitlines() if line.strip()]
+    try:
+        ids = [line.strip() for line in ids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise EpsError(f"{ids_path}: not a UTF-8 text file of ids (byte {exc.start})") from None
+    if not ids:
+        raise EpsError(f"{ids_path}: lists no ids")
+    seen = set()
+    for image_id in ids:
+        if image_id in seen:
+            raise EpsError(f"{ids_path}: id {image_id!r} is listed twice")
+        seen.add(image_id)
+    if not 1 <= a.num_classes <= 255:
+        raise EpsError(f"--num-classes: expected 1..255 (mask values; 255 is void), got {a.num_classes}")
+    if a.boundary_tolerance is not None and not (math.isfinite(a.boundary_tolerance) and a.boundary_tolerance >= 0):
+        raise EpsError(f"--boundary-tolerance: expected a non-negative number of pixels, got {a.boundary_tolerance}")
     class_names, context_names, pairs = None, None, []
     if a.classes:
         info = read_classes(a.classes)

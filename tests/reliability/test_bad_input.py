@@ -164,6 +164,35 @@ def test_evaluate_masks_prediction_values_that_are_no_class(eval_dirs):
     assert not eval_dirs["out"].exists() or not any(eval_dirs["out"].iterdir())
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"", "lists no ids"),
+    (f"{ID}\n{ID}\n".encode(), f"id '{ID}' is listed twice"),
+    (b"\xff\xfe\x00bad", "not a UTF-8 text file"),
+])
+def test_evaluate_masks_bad_ids_file(eval_dirs, content, problem):
+    eval_dirs["ids"].write_bytes(content)
+    assert_user_error(evaluate(eval_dirs), eval_dirs["ids"], problem)
+    assert not eval_dirs["out"].exists()
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--boundary-tolerance", "nan"], "--boundary-tolerance: expected a non-negative number"),
+    (["--boundary-tolerance", "-1"], "--boundary-tolerance: expected a non-negative number"),
+])
+def test_evaluate_masks_bad_numbers(eval_dirs, extra, problem):
+    proc = eps("evaluate-masks", "--pred", eval_dirs["pred"], "--gt", eval_dirs["gt"], "--ids", eval_dirs["ids"],
+               "--num-classes", len(CLASSES) + 1, "--out", eval_dirs["out"], *extra)
+    assert_user_error(proc, problem)
+    assert not eval_dirs["out"].exists()
+
+
+def test_evaluate_masks_absurd_class_count(eval_dirs):
+    proc = eps("evaluate-masks", "--pred", eval_dirs["pred"], "--gt", eval_dirs["gt"], "--ids", eval_dirs["ids"],
+               "--num-classes", 2000000, "--out", eval_dirs["out"])
+    assert_user_error(proc, "--num-classes: expected 1..255")
+    assert not eval_dirs["out"].exists()
+
+
 # ---------------------------------------------------------------------------- missing files, ids
 
 
