@@ -109,9 +109,24 @@ def _open(path) -> Image.Image:
     return img
 
 
+def _grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit grey image as uint8 0..255 (PIL's convert would clip it to 255)."""
+    arr = np.asarray(img, dtype=np.float64)
+    # a 16-bit file spans 0..65535 whatever its values (a dark map stays dark); mode "I"
+    # (32-bit, or 16-bit PNGs in old Pillow) does not say its depth: judged by the values
+    peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    return np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+
+
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+
+
 def read_image(path) -> np.ndarray:
-    """Read an image as RGB uint8 (H, W, 3)."""
-    return np.asarray(_open(path).convert("RGB"))
+    """Read an image as RGB uint8 (H, W, 3); 16-bit grey images are rescaled, not clipped."""
+    img = _open(path)
+    if img.mode in WIDE_GREY:
+        return np.repeat(_grey_to_uint8(img)[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 def read_index_png(path) -> np.ndarray:
@@ -130,12 +145,8 @@ def read_index_png(path) -> np.ndarray:
 def read_saliency(path) -> np.ndarray:
     """Read a saliency map as uint8 (H, W) in 0..255 (16-bit maps are rescaled, alpha dropped)."""
     img = _open(path)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        # a 16-bit file spans 0..65535 whatever its values (a dark map stays dark); mode "I"
-        # (32-bit, or 16-bit PNGs in old Pillow) does not say its depth: judged by the values
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+    if img.mode in WIDE_GREY:
+        return _grey_to_uint8(img)
     if img.mode != "L":
         img = img.convert("L")
     return np.asarray(img, dtype=np.uint8)

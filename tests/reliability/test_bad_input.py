@@ -238,6 +238,21 @@ def test_saliency_map_of_another_size_is_resized_with_a_warning_or_refused_in_st
     assert not out.exists() and not leftovers(indexed["root"])
 
 
+def test_a_16_bit_grey_image_is_rescaled_not_clipped(tmp_path):
+    """A 16-bit grey photo reads as its 8-bit values (PIL's convert would give all 255)."""
+    grey = np.arange(0, 64 * 48, dtype=np.uint16).reshape(48, 64) % 256
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "g16.png").write_bytes(png_bytes(grey * 257, 0, 16))
+    from eps.data.io import read_image
+
+    image = read_image(tmp_path / "imgs" / "g16.png")
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    assert np.array_equal(image[:, :, 0], grey.astype(np.uint8)) and np.array_equal(image[:, :, 2], image[:, :, 0])
+    proc = eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", tmp_path / "sal")
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < np.asarray(Image.open(tmp_path / "sal" / "g16.png")).mean() < 255
+
+
 def test_saliency_maps_with_alpha_or_16_bit_depth_load_correctly(indexed):
     """RGBA, gray + alpha (8 and 16 bit) and 16-bit gray maps give the 8-bit values they hold."""
     sal_dir = indexed["data"] / "SALImages"
