@@ -74,3 +74,8 @@ def test_saliency_ecssd_quick():
     out = run_script("saliency_ecssd")
     if "skipped" not in out.splitlines()[-1]:
         assert "centre prior" in out and "classical" in out
+
+
+def test_lite0_quick():
+    out = run_script("lite0")
+    assert "training step os8" in out and "CRF at scale 0.5" in out

@@ -20,7 +20,7 @@ BACKBONES = {
     "resnet38": ResNet38,
     "small": SmallNet,
     "small_os4": lambda: SmallNet(output_stride=4),
-    # output stride 16: on a 2-core CPU a training step at stride 8 is 6.6x slower (docs/benchmarks.md)
+    # output stride 16: on a 2-core CPU a training step at stride 8 is 4x slower (bench/lite0.py)
     "efficientnet_lite0": lambda: Lite0Backbone(output_stride=16),
     "efficientnet_lite0_os8": lambda: Lite0Backbone(output_stride=8),
 }
