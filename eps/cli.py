@@ -32,10 +32,20 @@ def cmd_synth(a):
 def cmd_index(a):
     from eps.data.index import build_index
 
-    try:
-        dataset = json.loads(a.dataset)
-    except json.JSONDecodeError as exc:
-        raise EpsError(f"--dataset: not valid JSON ({exc})") from None
+    if Path(a.dataset).is_file():  # a YAML / JSON file: the dataset block, or a config holding one
+        import yaml
+
+        try:
+            dataset = yaml.safe_load(Path(a.dataset).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise EpsError(f"{a.dataset}: cannot read the dataset block ({' '.join(str(exc).split())})") from None
+        if isinstance(dataset, dict) and isinstance(dataset.get("dataset"), dict):
+            dataset = dataset["dataset"]
+    else:
+        try:
+            dataset = json.loads(a.dataset)
+        except json.JSONDecodeError as exc:
+            raise EpsError(f"--dataset: neither a file nor valid JSON ({exc})") from None
     if not isinstance(dataset, dict):
         raise EpsError("--dataset: expected a JSON object (the dataset config block)")
     build_index(dataset, a.out)
@@ -223,18 +233,18 @@ def add_segmentation_commands(sub) -> None:
     p.set_defaults(func=cmd_crf)
 
     p = sub.add_parser("train-segmenter", help="train a DeepLab segmenter on pseudo-masks (index PNGs)")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index.csv of the run (eps index): image, mask and label of every id")
     p.add_argument("--masks", required=True, help="folder of pseudo-mask PNGs {id}.png (255 = ignored)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split whose images are used (a name of ids/{split}.txt)")
     p.add_argument("--out", required=True, help="model.pt; model.json, train_log.csv and checkpoints/ go beside it")
     _params(p)
     p.set_defaults(func=cmd_train_segmenter)
 
     p = sub.add_parser("predict", help="multi-scale + flip segmentation of one shard of a split")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index.csv of the run (eps index): image, mask and label of every id")
     p.add_argument("--model", required=True, help="model.pt of train-segmenter")
-    p.add_argument("--split", required=True)
-    p.add_argument("--shard", default="1-of-1")
+    p.add_argument("--split", required=True, help="the split to process (a name of ids/{split}.txt)")
+    p.add_argument("--shard", default="1-of-1", help="which part of the split, as I-of-N")
     p.add_argument("--out", required=True, help="mask shard (format eps.masks)")
     p.add_argument("--crf", default=None, help="crf parameters (JSON or file): also write CRF-refined masks")
     p.add_argument("--crf-out", default=None, help="mask shard of the CRF-refined predictions (with --crf)")
@@ -280,7 +290,7 @@ def add_report_commands(sub) -> None:
     p.set_defaults(func=cmd_report_tables)
 
     p = sub.add_parser("report-figures", help="per-class IoU bars, training curves, qualitative grids (PNG)")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index.csv of the run (eps index): image, mask and label of every id")
     p.add_argument("--split", required=True, help="split of the pseudo-masks and sampled images")
     p.add_argument("--metrics", action="append", default=[], help="VARIANT:STAGE:METRICS_JSON (per-class bars)")
     p.add_argument("--train-log", action="append", default=[], help="NAME:train_log.csv of a classifier")
@@ -295,38 +305,71 @@ def add_report_commands(sub) -> None:
     p.set_defaults(func=cmd_report_figures)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eps")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (none for required options and flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(sub) -> None:
+    """Subcommands created by `sub.add_parser` use the _Help formatter."""
+    add = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        return add(name, **kwargs)
+
+    sub.add_parser = add_parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eps", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"eps {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _show_defaults(sub)
 
     p = sub.add_parser("synth", help="generate the synthetic co-occurrence world (VOC layout)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the world's folder (VOC layout); replaced only if an earlier eps synth wrote it")
     _params(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("index", help="write index.csv, classes.json and ids/{split}.txt for a dataset")
-    p.add_argument("--dataset", required=True, help="the dataset config block as JSON")
-    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", required=True,
+                   help="the dataset config block: JSON, or a YAML / JSON file (a config file's `dataset` block)")
+    p.add_argument("--out", required=True, help="index.csv; classes.json and ids/{split}.txt go beside it")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("saliency", help="saliency maps: one HDF5 shard (--index) or PNGs of a folder (--images)")
     p.add_argument("--index", default=None, help="index.csv of a workflow run: write one HDF5 shard")
     p.add_argument("--images", default=None, help="a folder of images: write one uint8 PNG per image into --out")
-    p.add_argument("--method", default="classical", choices=list(SALIENCY_METHODS))
+    p.add_argument("--method", default="classical", choices=list(SALIENCY_METHODS), help="saliency method (docs/saliency.md)")
     p.add_argument("--weights", default=None, help="weights file (usps, pfan, dss)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--shard", default="1-of-1", help="which shard, as I-of-N")
     p.add_argument("--strict", action="store_true", help="precomputed: a map of another size than its image is an error")
     p.add_argument("--out", required=True, help="the shard (.h5) or the output folder")
     p.set_defaults(func=cmd_saliency)
 
     p = sub.add_parser("train-saliency", help="train usps (images only) or pfan / dss (images + masks)")
-    p.add_argument("--method", required=True, choices=["usps", "pfan", "dss"])
+    p.add_argument("--method", required=True, choices=["usps", "pfan", "dss"], help="the network to train")
     p.add_argument("--images", default=None, help="a folder of images (DUTS layout: *.jpg)")
     p.add_argument("--masks", default=None, help="pfan / dss: a folder of masks with the images' stems (*.png)")
     p.add_argument("--index", default=None, help="usps: the images of a workflow run's index.csv")
     p.add_argument("--split", default="train", help="with --index: the split whose images train usps")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="the trained weights file")
     _params(p)
     p.set_defaults(func=cmd_train_saliency)
@@ -340,45 +383,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_saliency)
 
     p = sub.add_parser("train-classifier", help="train the CAM baseline or the EPS classifier")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index.csv of the run (eps index): image, mask and label of every id")
     p.add_argument("--saliency", nargs="*", help="saliency HDF5 shards (eps loss)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split whose images are used (a name of ids/{split}.txt)")
     p.add_argument("--out", required=True, help="classifier.pt; train_log.csv and checkpoints/ go beside it")
     _params(p)
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("infer-cams", help="multi-scale + flip CAMs for one shard of a split")
-    p.add_argument("--index", required=True)
-    p.add_argument("--classifier", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--shard", default="1-of-1")
-    p.add_argument("--out", required=True)
+    p.add_argument("--index", required=True, help="index.csv of the run (eps index): image, mask and label of every id")
+    p.add_argument("--classifier", required=True, help="classifier.pt of train-classifier")
+    p.add_argument("--split", required=True, help="the split to process (a name of ids/{split}.txt)")
+    p.add_argument("--shard", default="1-of-1", help="which part of the split, as I-of-N")
+    p.add_argument("--out", required=True, help="the CAM shard (.h5)")
     _params(p)
     p.set_defaults(func=cmd_infer_cams)
 
     p = sub.add_parser("pseudo-masks", help="pseudo-masks from one CAM shard")
-    p.add_argument("--cams", required=True)
+    p.add_argument("--cams", required=True, help="a CAM shard of infer-cams")
     p.add_argument("--dataset", required=True, help="dataset name the shards belong to")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the mask shard (.h5)")
     _params(p)
     p.set_defaults(func=cmd_pseudo_masks)
 
     p = sub.add_parser("export-masks", help="write mask shards as VOC-palette PNGs")
-    p.add_argument("--masks", nargs="+", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--masks", nargs="+", required=True, help="mask shards (pseudo-masks, crf or predict)")
+    p.add_argument("--dataset", required=True, help="dataset name the shards belong to")
+    p.add_argument("--out", required=True, help="folder of the PNGs; replaced only if an earlier export wrote it")
     p.set_defaults(func=cmd_export_masks)
 
     p = sub.add_parser("evaluate-masks", help="mIoU, per-class IoU/precision/recall, co-occurrence confusion")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--gt", required=True)
-    p.add_argument("--ids", required=True)
+    p.add_argument("--pred", required=True, help="folder of predicted index PNGs {id}.png (0..C-1, 255 void)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth index PNGs {id}.png")
+    p.add_argument("--ids", required=True, help="text file of the ids to score, one per line")
     p.add_argument("--num-classes", type=int, required=True, help="including background (21 for VOC)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder of metrics.json and per_class.csv")
     p.add_argument("--context", default=None, help="folder of context index PNGs (co-occurrence confusion)")
     p.add_argument("--classes", default=None, help="index.csv or classes.json naming classes and contexts")
     p.add_argument("--pairs", default=None, help='JSON list of [context, class] names, e.g. [["rail", "train"]]')
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="processes reading the PNGs")
     p.add_argument("--boundary-tolerance", type=float, default=None, metavar="PX",
                    help="also boundary precision / recall / F1 of the class-agnostic edges, matched within PX pixels")
     p.add_argument("--boundary-gt", default=None, metavar="DIR",
@@ -387,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="collect metrics.json files into summary.csv")
     p.add_argument("--entry", action="append", required=True, help="VARIANT:STAGE:METRICS_JSON")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="summary.csv")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("convert-weights", help="convert released weights (MXNet .params, EPS/PSA, "

@@ -188,3 +188,31 @@ def test_multiline_error_message_is_printed_on_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "cmd_summary", boom)
     assert_user_error(capsys, ["summary", "--entry", "a:b:c", "--out", "x.csv"], "some/file.h5", "second line")
+
+
+def test_version_and_every_option_has_help(capsys):
+    import argparse
+
+    from eps.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("eps ")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lacking = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, command in sub.choices.items() for action in command._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert lacking == []
+    text = sub.choices["saliency"].format_help()
+    assert "(default: classical)" in " ".join(text.split())
+
+
+def test_index_takes_the_dataset_block_from_a_config_file(tmp_path):
+    from eps.data.synthetic import generate
+
+    generate(tmp_path / "data", num_train=3, num_val=1, size=32, seed=0)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"dataset:\n  name: t\n  type: synthetic\n  root: {tmp_path / 'data'}\n")
+    assert main(["index", "--dataset", str(config), "--out", str(tmp_path / "idx" / "index.csv")]) == 0
+    assert (tmp_path / "idx" / "ids" / "train.txt").read_text().split()[0] == "syn_train_00000"
