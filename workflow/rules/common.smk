@@ -11,7 +11,33 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
-validate(config, "../schemas/config.schema.yaml")
+def validate_config():
+    """The schema check, with a failure as one line naming the key; an overlay drops a
+    variant by setting it to null (`variants: {naive: null}`)."""
+    import jsonschema
+
+    if isinstance(config.get("variants"), dict):
+        config["variants"] = {k: v for k, v in config["variants"].items() if v is not None}
+    try:
+        validate(config, "../schemas/config.schema.yaml")
+    except WorkflowError as exc:
+        err = exc.__context__  # snakemake raises its WorkflowError while handling jsonschema's
+        if not isinstance(err, jsonschema.exceptions.ValidationError):
+            raise
+        key = ".".join(str(k) for k in err.absolute_path) or "(top level)"
+        raise WorkflowError(f"config: {key}: {' '.join(err.message.split())}") from None
+    splits = set(config["dataset"].get("splits") or {"train": None, "val": None})
+    if config["train_split"] not in splits:
+        raise WorkflowError(f"config: train_split: {config['train_split']!r} is not one of dataset.splits "
+                            f"({', '.join(sorted(splits))})")
+    for key, value in (("evaluation.splits", config["evaluation"]["splits"]),
+                       ("segmenter.predict.split", [config["segmenter"]["predict"]["split"]])):
+        for split in value:
+            if split not in splits:
+                raise WorkflowError(f"config: {key}: {split!r} is not one of dataset.splits ({', '.join(sorted(splits))})")
+
+
+validate_config()
 
 DATASET = config["dataset"]
 DS = DATASET["name"]
