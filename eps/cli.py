@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 from eps.errors import EpsError
@@ -471,8 +474,20 @@ def check_outputs_are_not_inputs(args) -> None:
                                f"{path}); choose another output")
 
 
+def _log_command(argv) -> None:
+    """Under the workflow (EPS_LOG_COMMAND set by it) a rule's log starts with the command that
+    reruns the stage by hand, from the folder it ran in."""
+    if os.environ.get("EPS_LOG_COMMAND"):
+        threads = os.environ.get("EPS_THREADS")
+        env = f"EPS_THREADS={threads} " if threads else ""
+        print(f"# rerun: cd {shlex.quote(os.getcwd())} && {env}{shlex.join(['eps', *argv])}", flush=True)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    _log_command(argv)
+    started = time.perf_counter()
     try:
         check_outputs_are_not_inputs(args)
         args.func(args)
@@ -483,6 +498,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("eps: interrupted", file=sys.stderr)
         return 130
+    if os.environ.get("EPS_LOG_COMMAND"):
+        print(f"# eps {args.command}: done in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 
 

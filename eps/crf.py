@@ -30,7 +30,7 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from eps.progress import progress
 
 from eps.data.index import read_index
 from eps.data.io import atomic_h5, open_h5, read_image
@@ -189,7 +189,7 @@ def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, wor
                 yield image_id, paths[image_id], maps, classes, background, params
 
         with atomic_h5(out, "eps.masks", dataset) as dst:
-            for image_id, mask in tqdm(parallel_map(_refine_job, jobs(), workers), total=len(ids),
+            for image_id, mask in progress(parallel_map(_refine_job, jobs(), workers), total=len(ids),
                                        desc=f"crf {out.name}", mininterval=2):
                 dst.create_dataset(image_id, data=mask, compression="gzip", compression_opts=1)
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from eps.progress import progress
 
 from eps.config import choose_device, set_threads
 from eps.data.index import labels_of, parse_scatteritem, read_classes, read_index, shard_rows, split_rows
@@ -220,7 +220,7 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
     images = [read_image(p) for p in rows["image"]]
     out = Path(out)
     with atomic_h5(out, "eps.cams", info["dataset"]) as f:
-        with tqdm(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
+        with progress(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
             keep = background and bool(params["keep_background"])
             for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, amp, keep):
                 write_cams(f, ids[k], parts, present, keep, images[k].shape[:2])

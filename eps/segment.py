@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from eps.progress import progress
 
 from eps.config import choose_device, set_threads, write_json
 from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows, split_rows
@@ -260,7 +260,7 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
         if new_log:
             writer.writeheader()
-        bar = tqdm(_unwrap_worker_errors(loader), total=total - start, desc=f"segmenter {out.parent.name}",
+        bar = progress(_unwrap_worker_errors(loader), total=total - start, desc=f"segmenter {out.parent.name}",
                    mininterval=2)
         for step, item in enumerate(bar, start=start):
             lr = set_poly_lr(optimizer, step, total, params["poly_power"])
@@ -395,7 +395,7 @@ def predict(index_csv, model_path, out, split: str, scatteritem: str, params: di
     results: dict[str, tuple] = {}
     out = Path(out)
     step = int(params["batch_size"])
-    bar = tqdm(total=len(ids), desc=f"predict {out.name}", mininterval=2)
+    bar = progress(total=len(ids), desc=f"predict {out.name}", mininterval=2)
     for _, members in sorted(by_size.items()):
         for b in range(0, len(members), step):
             chunk = [ids[k] for k in members[b:b + step]]

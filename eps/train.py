@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from eps.progress import progress
 
 from eps.config import choose_device, set_threads, write_json
 from eps.data.index import labels_of, read_classes, read_index, split_rows
@@ -341,7 +341,7 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
         writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if lead else None
         if lead and new_log:
             writer.writeheader()
-        bar = tqdm(_unwrap_worker_errors(loader), total=total - start, initial=0,
+        bar = progress(_unwrap_worker_errors(loader), total=total - start, initial=0,
                    desc=f"train {out.parent.name}", mininterval=2, disable=not lead)
         for step, item in enumerate(bar, start=start):
             lr = set_poly_lr(optimizer, step, total, params["poly_power"])

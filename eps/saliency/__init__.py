@@ -62,7 +62,7 @@ def _device(device: str):
 def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = False,
                   weights=None, device: str = "auto", progress: bool = True) -> Path:
     """Write the saliency maps of one shard of all indexed images to `out` (HDF5)."""
-    from tqdm import tqdm
+    from eps.progress import progress
 
     from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows
     from eps.data.io import atomic_h5, read_image
@@ -85,7 +85,7 @@ def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = 
     with atomic_h5(out, "eps.saliency", dataset) as f:
         f.attrs["method"] = method
         items = zip(rows["id"], rows["image"], rows["saliency"])
-        for image_id, image, sal in tqdm(items, total=len(rows), desc=f"saliency {method}",
+        for image_id, image, sal in progress(items, total=len(rows), desc=f"saliency {method}",
                                          disable=not progress, mininterval=5):
             f.create_dataset(image_id, data=saliency_of(image_id, image, sal), compression="gzip", compression_opts=1)
     return Path(out)
@@ -108,7 +108,7 @@ def predict_folder(method: str, images_dir, out_dir, weights=None, device: str =
 
     Each map is written atomically, so an interrupted run leaves only complete PNGs.
     """
-    from tqdm import tqdm
+    from eps.progress import progress
 
     from eps.data.io import read_image, write_gray_png
 
@@ -116,7 +116,7 @@ def predict_folder(method: str, images_dir, out_dir, weights=None, device: str =
     predict = get_predictor(method, weights, _device(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
+    for path in progress(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
         sal = predict(read_image(path))
         write_gray_png(out_dir / f"{path.stem}.png", np.asarray(sal, np.uint8))
     return len(images)

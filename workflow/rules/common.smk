@@ -56,6 +56,7 @@ def find_eps():
     """Rules call `eps`: when it is not on PATH but installed beside the Python running
     Snakemake (`.venv/bin/snakemake` without activating .venv), that folder goes first on PATH
     (jobs inherit it); with neither, stop before any job with one line saying what to do."""
+    os.environ.update(EPS_LOG_COMMAND="1")  # each rule's log starts with the command that reruns it
     here = Path(sys.executable).parent
     if shutil.which("eps") is None and (here / "eps").is_file():
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
