@@ -90,6 +90,10 @@ def recall_from_confusion(hist) -> np.ndarray:
 def _class_names(class_names, num_classes: int) -> list[str]:
     """Names for mask values 0..n-1; foreground-only lists (classes.json) get 'background' first."""
     if class_names is None:
+        from eps.data.voc import VOC_CLASSES
+
+        if num_classes == len(VOC_CLASSES) + 1:  # 21 values: PASCAL VOC's classes
+            return ["background"] + list(VOC_CLASSES)
         return ["background"] + [f"class{i}" for i in range(1, num_classes)]
     names = [str(x) for x in class_names]
     if len(names) == num_classes - 1:

@@ -43,8 +43,8 @@ from eps.data.index import parse_scatteritem, read_classes, read_index, shard_ro
 from eps.data.io import atomic_h5, atomic_path, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
 from eps.models.deeplab import PACKAGED_SEGMENTERS, SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
-from eps.train import (PositionSamples, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors, make_optimizer,
-                       normalize, set_poly_lr)
+from eps.train import (PositionSamples, _finish_checkpoints, _resume_checkpoint, _save_checkpoint,
+                       _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr)
 
 IGNORE = 255
 SERVER_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
@@ -293,7 +293,7 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
     write_json(out.parent / "model.json", meta)
     with atomic_path(out) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    ckpt.unlink(missing_ok=True)  # done: a rerun must train again, not resume a finished run
+    _finish_checkpoints(work, ckpt, log_path)
     return out
 
 

@@ -177,6 +177,15 @@ def _run_key(params: dict, ids, classes, dataset: str) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _finish_checkpoints(work: Path, ckpt: Path, log_path: Path) -> None:
+    """A finished run leaves no checkpoint folder: a rerun (new code, new parameters) trains
+    again instead of resuming a finished run; the log was copied beside the model."""
+    ckpt.unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+
+
 def _save_checkpoint(path: Path, model, optimizer, iteration: int, run: str = "") -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -401,8 +410,7 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
     write_json(out.with_suffix(".json"), meta)
     with atomic_path(out) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    # Done: a rerun (new code, new parameters) must train again, not resume a finished run.
-    ckpt.unlink(missing_ok=True)
+    _finish_checkpoints(work, ckpt, log_path)
 
 
 def _distributed_devices(name: str, gpus: int):

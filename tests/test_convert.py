@@ -333,7 +333,8 @@ def test_broken_torch_files(tmp_path, capsys):
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
     assert_fails(capsys, tmp_path / "list.pth", dst, "not a state_dict", "got list")
     (tmp_path / "garbage.pth").write_bytes(b"not weights at all")
-    assert_fails(capsys, tmp_path / "garbage.pth", dst, "cannot load weights")
+    assert_fails(capsys, tmp_path / "garbage.pth", dst, "not a weights file: neither an MXNet NDArray list nor a "
+                 "PyTorch file (zip archive or pickle); it starts with 'not weights at a'")
     assert_fails(capsys, tmp_path / "absent.pth", dst, "file not found")
 
     state = fake_state("resnet38")
@@ -344,6 +345,13 @@ def test_broken_torch_files(tmp_path, capsys):
     assert_fails(capsys, tmp_path / "extra.pth", dst, "unexpected keys: b3.bn_branch2c.weight")
     torch.save(dict(state, **{"b4.conv_branch1.weight": torch.zeros(512, 256, 3, 3)}), tmp_path / "shape.pth")
     assert_fails(capsys, tmp_path / "shape.pth", dst, "shape mismatch", "b4.conv_branch1.weight (512, 256, 3, 3)")
+
+    # eps's own files are named as such, not as an unrecognised layout
+    from eps.models import build_classifier as build
+
+    torch.save({"state_dict": build("small", 3).state_dict(), "meta": {"backbone": "small"}}, tmp_path / "c.pt")
+    assert main(["convert-weights", str(tmp_path / "c.pt"), str(tmp_path / "c.pth")]) == 0
+    assert "an eps small classifier file" in capsys.readouterr().out
 
     # load_weights names the file's layout when it does not fit the model
     torch.save(fake_state("resnet101"), tmp_path / "r101.pth")

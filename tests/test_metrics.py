@@ -292,3 +292,18 @@ def test_confusion_properties(case):
     perfect = confusion(gt, np.where(gt == 255, 0, gt), n)
     if perfect.sum():
         assert miou(perfect) == 1.0
+
+
+def test_voc_class_names_without_a_classes_file(tmp_path):
+    gt = np.zeros((4, 4), np.uint8)
+    gt[:2] = 15  # person
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+        write_index_png(tmp_path / folder / "a.png", gt)
+    from eps.metrics import evaluate_masks, write_metrics
+
+    result = evaluate_masks(tmp_path / "pred", tmp_path / "gt", ["a"], 21)
+    write_metrics(result, tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_class.csv")))
+    assert [r[next(iter(r))] for r in rows][:2] == ["background", "aeroplane"]
+    assert rows[15][next(iter(rows[15]))] == "person"

@@ -63,13 +63,14 @@ def read_log(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- networks
 
 @pytest.mark.parametrize("name", SEGMENTERS)
-def test_networks_give_logits_at_output_stride_8(name):
+def test_networks_give_logits_at_their_output_stride(name):
     torch.manual_seed(0)
     model = build_segmenter(name, 21).eval()
-    assert model.output_stride == 8
+    stride = 16 if "efficientnet_lite0" in name else 8
+    assert model.output_stride == stride
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
-    assert out.shape == (1, 21, 8, 8)
+    assert out.shape == (1, 21, 64 // stride, 64 // stride)
     assert torch.isfinite(out).all()
     groups = model.get_parameter_groups()
     head = {id(p) for p in model.head.parameters()}
@@ -144,7 +145,7 @@ def test_a_few_steps_reduce_the_loss(tiny, tmp_path):
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["model"] == "deeplab_small" and meta["num_classes"] == NUM_CLASSES + 1
     assert meta["init"] == "scratch" and meta["init_pretraining"] == "none"
-    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "checkpoints").exists()  # a finished run leaves no checkpoint folder
     model, _ = load_segmenter(out)
     assert not model.training
 

@@ -57,7 +57,9 @@ LAYOUTS = {
     "deeplab-resnet101": "DeepLab Caffe ResNet-101 (renamed to torchvision ResNet-101)",
     "torchvision-resnet101": "torchvision ResNet-101",
     "torchvision-vgg16": "torchvision VGG16",
-    "unknown": "unrecognised layout (names kept as they are)",
+    "efficientnet-lite0": "EfficientNet-Lite0 (ImageNet; names kept as they are)",
+    "unknown": ("a state_dict of no layout eps converts (not ResNet-38, DeepLab or torchvision "
+                "ResNet-101, VGG16, EfficientNet-Lite0): names kept as they are"),
 }
 # the architecture whose names / shapes each layout is renamed to and checked against
 TARGET = {"mxnet-resnet38": "resnet38", "resnet38": "resnet38",
@@ -226,15 +228,24 @@ def read_torch_state(path) -> tuple[dict, list]:
     every key (saved from DataParallel) is removed. Returns (state, notes).
     """
     path = Path(path)
-    _head_bytes(path)  # clear 'file not found' before torch's own message
+    head = _head_bytes(path, 16)  # clear 'file not found' before torch's own message
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        shown = head[:16].decode("latin-1").encode("unicode_escape").decode()
+        raise EpsError(f"{path}: not a weights file: neither an MXNet NDArray list nor a PyTorch file "
+                       f"(zip archive or pickle); it starts with '{shown}'")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable / unsafe files
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        raise EpsError(f"{path}: cannot load weights (not an MXNet NDArray file, and "
-                       f"torch.load failed: {reason})") from None
+        raise EpsError(f"{path}: cannot load weights: a PyTorch file torch.load (weights_only) refused "
+                       f"or could not read ({reason})") from None
     notes = []
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if isinstance(meta, dict) and ("backbone" in meta or "model" in meta):
+        kind = (f"an eps {meta['backbone']} classifier" if "backbone" in meta
+                else f"an eps {meta['model']} segmenter")
+        notes.append(f"{kind} file: its state_dict")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -416,6 +427,8 @@ def detect_layout(state: dict) -> str:
         return "torchvision-resnet101"
     if any(k.startswith("features.") for k in keys):
         return "torchvision-vgg16"
+    if "_conv_stem.weight" in state:
+        return "efficientnet-lite0"
     return "unknown"
 
 
@@ -458,7 +471,7 @@ def _rename(path, state: dict, layout: str) -> tuple[dict, list, list]:
             else:
                 unknown.append(name)
         notes.append("renamed DeepLab Caffe ResNet-101 keys to torchvision ResNet-101 names")
-    elif layout == "unknown":
+    elif layout in ("unknown", "efficientnet-lite0"):
         out = dict(state)
     else:  # PyTorch layouts already in target names: drop heads outside the model
         kept_top = {_top(k) for k in spec}

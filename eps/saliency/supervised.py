@@ -399,7 +399,7 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     from eps.progress import progress
 
     from eps.models.deeplab import sha256_file
-    from eps.train import _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors
+    from eps.train import _finish_checkpoints, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors
 
     p = resolve_params(method, params)
     images, masks = list_pairs(images_dir, masks_dir)
@@ -464,8 +464,5 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     with atomic_path(out.with_name(f"{out.stem}_train_log.csv")) as tmp:
         tmp.write_bytes(log_path.read_bytes())
     save_model(model, method, out, meta)
-    ckpt.unlink(missing_ok=True)  # done: a rerun must train again, not resume a finished run
-    log_path.unlink(missing_ok=True)
-    if not any(work.iterdir()):
-        work.rmdir()
+    _finish_checkpoints(work, ckpt, log_path)
     return out
