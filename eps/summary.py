@@ -30,11 +30,12 @@ def _read_metrics(path: Path) -> dict:
     return data
 
 
-def _cell(x) -> str:
-    """Full-precision float, empty for a missing or nan value."""
+def _cell(x, digits: int = 2) -> str:
+    """A number for people: percentages to 2 decimals, ratios to 3; empty when missing or nan
+    (full precision stays in each stage's metrics.json, 0..1)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
-    return repr(float(x))
+    return f"{float(x):.{digits}f}"
 
 
 def _percent(x):
@@ -43,7 +44,8 @@ def _percent(x):
 
 def collect_summary(entries, out_csv) -> list[dict]:
     """Write summary.csv: variant, stage, miou (percent), boundary P/R/F1 (percent), one
-    `confusion:<pair>` column per pair and `iou:<class>` (percent) of the pair's class.
+    `confusion:<pair>` column per pair (a ratio) and `iou:<class>` (percent) of the pair's class.
+    Percentages are rounded to 2 decimals, ratios to 3 (metrics.json keeps 0..1 at full precision).
 
     `entries` is a list of (variant, stage, metrics.json path). Pair columns appear in
     the order first met, each followed by its class's IoU column; a row without a pair (or
@@ -78,7 +80,8 @@ def collect_summary(entries, out_csv) -> list[dict]:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([row["variant"], row["stage"]] + [_cell(row.get(c)) for c in columns[2:]])
+        writer.writerow([row["variant"], row["stage"]]
+                        + [_cell(row.get(c), 3 if c.startswith("confusion:") else 2) for c in columns[2:]])
     with atomic_path(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
     return rows

@@ -68,3 +68,12 @@ def test_bad_metrics_leave_no_summary(tmp_path):
     with pytest.raises(EpsError, match=r"c\.json: file not found"):
         collect_summary([("x", "s", tmp_path / "c.json")], out)
     assert not out.exists()
+
+
+def test_numbers_people_read_are_rounded(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"miou": 0.123456789, "boundary": {"precision": 0.5, "recall": 1 / 3, "f1": 0.4},
+                                "confusion": [{"pair": "rail->train", "m": 0.123456, "class_iou": 0.7777777}]}))
+    collect_summary([("eps", "pseudo_masks", path)], tmp_path / "summary.csv")
+    text = (tmp_path / "summary.csv").read_text().splitlines()
+    assert text[1] == "eps,pseudo_masks,12.35,50.00,33.33,40.00,0.123,77.78"
