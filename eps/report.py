@@ -48,7 +48,6 @@ DPI = 100
 CELL = 1.4  # inches per grid cell (140 px at DPI)
 HEADER = 0.3  # inches of column titles above a grid
 BAR_SIZE = (6.4, 3.2)  # inches: 640 x 320 px
-CURVE_HEIGHT = 2.6  # inches per row of curves (width 6.4 per panel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,16 +269,23 @@ def _smooth(y: np.ndarray) -> np.ndarray:
 def training_curves(logs: dict, out_png, columns=("loss", "loss_cls", "loss_sal", "fg_share")) -> Path:
     """Loss curves (moving average over 2 % of the run) of named train_log.csv files.
 
-    One panel per column with values in some log (6.4 x 2.6 inches each, side by side);
+    One panel per column with values in some log, two panels a row (6.4 x 3.2 inches each);
+    a loss that is zero throughout a log (the CAM baseline's `loss_sal`) is not drawn for it.
     `fg_share` is the share of labelled classes that adaptive map selection puts on the
     foreground side.
     """
     data = {name: _read_log(path) for name, path in logs.items()}
-    data = {name: {k: v for k, v in d.items() if np.isfinite(v).any()} for name, d in data.items()}
+    data = {name: {k: v for k, v in d.items()
+                   if np.isfinite(v).any() and not (k.startswith("loss_") and not np.any(v[np.isfinite(v)]))}
+            for name, d in data.items()}
     shown = [c for c in columns if any(c in d for d in data.values())] or ["loss"]
     plt = _plt()
-    fig, axes = plt.subplots(1, len(shown), figsize=(6.4 * len(shown), CURVE_HEIGHT), squeeze=False)
-    for ax, column in zip(axes[0], shown):
+    ncols = min(2, len(shown))
+    nrows = -(-len(shown) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, shown):
         for name, d in data.items():
             if column in d and len(d[column]):
                 ax.plot(d["iteration"], _smooth(d[column]), label=name, linewidth=1)
@@ -288,7 +294,7 @@ def training_curves(logs: dict, out_png, columns=("loss", "loss_cls", "loss_sal"
         ax.grid(alpha=0.3)
         if data:
             ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.06 if len(shown) > 1 else 0.1, right=0.98, top=0.88, bottom=0.2, wspace=0.2)
+    fig.tight_layout()
     return _save(fig, out_png)
 
 

@@ -61,16 +61,18 @@ def test_bars_and_curves_have_fixed_sizes(tmp_path):
     log.write_text("\n".join(lines) + "\n")
     cam_log = tmp_path / "cam_log.csv"
     cam_log.write_text("iteration,loss,lr,seconds\n1,0.9,0.01,0.1\n2,0.8,0.01,0.2\n")
-    assert size(training_curves({"eps": log, "cam": cam_log}, tmp_path / "curves.png")) == (1920, 260)
-    assert size(training_curves({"seg": cam_log}, tmp_path / "seg.png", columns=("loss",))) == (640, 260)
+    # a grid of two panels a row: loss, loss_cls / loss_sal
+    assert size(training_curves({"eps": log, "cam": cam_log}, tmp_path / "curves.png")) == (1280, 640)
+    assert size(training_curves({"seg": cam_log}, tmp_path / "seg.png", columns=("loss",))) == (640, 320)
     # the map-selection share gets a fourth panel when a log has values, none when it is empty
     share = tmp_path / "share_log.csv"
     share.write_text("iteration,loss,loss_cls,loss_sal,fg_share,lr,seconds\n1,0.9,0.8,0.1,0.5,0.01,0.1\n"
                      "2,0.8,0.7,0.1,0.75,0.01,0.2\n")
     empty = tmp_path / "empty_share.csv"
     empty.write_text("iteration,loss,loss_cls,loss_sal,fg_share,lr,seconds\n1,0.9,0.9,0,,0.01,0.1\n")
-    assert size(training_curves({"eps": share, "cam": empty}, tmp_path / "c4.png")) == (2560, 260)
-    assert size(training_curves({"cam": empty}, tmp_path / "c3.png")) == (1920, 260)
+    assert size(training_curves({"eps": share, "cam": empty}, tmp_path / "c4.png")) == (1280, 640)
+    # the CAM baseline's loss_sal, zero throughout, is no panel (no flat line): loss, loss_cls
+    assert size(training_curves({"cam": empty}, tmp_path / "c3.png")) == (1280, 320)
     with pytest.raises(EpsError, match="metrics.json: not an eps metrics file"):
         metrics.write_text("{}")
         per_class_bars(metrics, tmp_path / "x.png")
