@@ -18,15 +18,24 @@ class _Lines:
 
     def __init__(self, stream):
         self.stream = stream
+        self.last = None
 
     def write(self, text: str) -> None:
-        text = text.replace("\r", "\n")
-        lines = [line.rstrip() for line in text.split("\n") if line.strip()]
-        if lines:
-            self.stream.write("\n".join(lines) + "\n")
+        for line in text.replace("\r", "\n").split("\n"):
+            line = line.rstrip()
+            if line.strip() and line != self.last:  # tqdm repeats the last state when it closes
+                self.stream.write(line + "\n")
+                self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+class _FileBar(tqdm):
+    """A bar written to a file: its postfix (loss, lr) shows at the next timed update, not at once."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
 def progress(iterable=None, **kwargs):
@@ -41,5 +50,5 @@ def progress(iterable=None, **kwargs):
         kwargs.setdefault("ascii", True)
         kwargs["dynamic_ncols"] = False
         kwargs.setdefault("ncols", 100)
-        stream = _Lines(stream)
+        return _FileBar(iterable, file=_Lines(stream), **kwargs)
     return tqdm(iterable, file=stream, **kwargs)
