@@ -285,7 +285,24 @@ def cmd_report_figures(a):
     print(f"wrote {len(written)} figures to {a.out}")
 
 
+def cmd_status(a):
+    from eps.status import status
+
+    rows = status(a.results)
+    width = max(len(name) for name, _, _ in rows) if rows else 0
+    for name, state, detail in rows:
+        print(f"{name:<{width}}  {state:<8} {detail}".rstrip())
+    counts = {}
+    for _, state, _ in rows:
+        counts[state] = counts.get(state, 0) + 1
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no stage has started")
+
+
 def add_report_commands(sub) -> None:
+    p = sub.add_parser("status", help="where each stage of a run is (done, running with its progress, failed)")
+    p.add_argument("results", help="the run's results folder, e.g. results/voc12")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("report-tables", help="markdown (and HTML) tables of summary.csv: mIoU, boundary, confusion")
     p.add_argument("--summary", required=True, help="summary.csv (eps summary)")
     p.add_argument("--out", required=True, help="tables.md")

@@ -216,3 +216,19 @@ def test_index_takes_the_dataset_block_from_a_config_file(tmp_path):
     config.write_text(f"dataset:\n  name: t\n  type: synthetic\n  root: {tmp_path / 'data'}\n")
     assert main(["index", "--dataset", str(config), "--out", str(tmp_path / "idx" / "index.csv")]) == 0
     assert (tmp_path / "idx" / "ids" / "train.txt").read_text().split()[0] == "syn_train_00000"
+
+
+def test_status_reads_where_each_stage_is(tmp_path, capsys):
+    logs = tmp_path / "results" / "logs"
+    (logs / "train_classifier").mkdir(parents=True)
+    (logs / "index.log").write_text("# rerun: cd /x && eps index --dataset d --out i.csv\n# eps index: done in 0.8 s\n")
+    (logs / "train_classifier" / "eps.log").write_text(
+        "# rerun: cd /x && eps train-classifier ...\ntrain eps:  10%|#  | 60/600 [01:00<09:00, 1.0s/it]\n")
+    (logs / "train_classifier" / "cam.log").write_text("# rerun: ...\neps: error: img.jpg: cannot decode image\n")
+    assert main(["status", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["index", "done", "0.8"]
+    assert out[1].split()[:3] == ["train_classifier/cam", "failed", "img.jpg:"]
+    assert out[2].split()[:2] == ["train_classifier/eps", "running"] and "60/600" in out[2]
+    assert out[3] == "1 done, 1 failed, 1 running"
+    assert main(["status", str(tmp_path / "nothing")]) == 2
