@@ -77,9 +77,39 @@ def load_params(value: str | None, defaults: dict, what: str) -> dict:
         unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise EpsError(f"{source}: unknown {what} parameter(s) {unknown}; known: {sorted(defaults)}")
+    check_block(given, what, source if value else "--params")
     params = dict(defaults)
     params.update(given)
     return params
+
+
+SCHEMA = Path(__file__).with_name("config.schema.yaml")  # the workflow validates the config with it
+# a command's parameters -> the config block of the schema that describes them
+SCHEMA_BLOCKS = {"classifier": ("classifier",), "infer": ("infer",), "pseudo_masks": ("pseudo_masks",),
+                 "crf": ("crf",), "segmenter": ("segmenter",), "predict": ("segmenter", "predict"),
+                 "report": ("report",)}
+_SCHEMA_CACHE: dict = {}
+
+
+def check_block(given: dict, what: str, source: str) -> None:
+    """Check a command's parameters as the workflow checks the config (eps/config.schema.yaml):
+    one rule for both, so `--params '{"iterations": -5}'` is refused as `iterations: -5` is."""
+    import jsonschema
+
+    path = SCHEMA_BLOCKS.get(what)
+    if path is None or not given:
+        return
+    if "schema" not in _SCHEMA_CACHE:
+        _SCHEMA_CACHE["schema"] = yaml.safe_load(SCHEMA.read_text())
+    block = _SCHEMA_CACHE["schema"]
+    for key in path:
+        block = block["properties"][key]
+    # unknown keys were checked against the command's defaults (some are command-only)
+    block = {k: v for k, v in block.items() if k not in ("required", "default", "additionalProperties")}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(block).iter_errors(given))
+    if error is not None:
+        key = ".".join([".".join(path), *(str(k) for k in error.absolute_path)])
+        raise EpsError(f"{source}: {key}: {' '.join(error.message.split())}")
 
 
 def choose_device(name: str = "auto"):

@@ -520,3 +520,25 @@ def test_nan_loss_at_the_first_iteration_says_no_checkpoint_exists(indexed, tmp_
         train_mod.train_classifier(indexed["index"], tmp_path / "m" / "classifier.pt",
                                    {**TRAIN_DEFAULTS, **TRAIN_PARAMS})
     assert not (tmp_path / "m" / "classifier.pt").exists()
+
+
+@pytest.mark.parametrize("command, params, problem", [
+    ("train-classifier", {"iterations": -5}, "classifier.iterations: -5 is less than the minimum of 1"),
+    ("train-classifier", {"tau": 5}, "classifier.tau: 5 is greater than the maximum of 1"),
+    ("train-classifier", {"lr": "0.01"}, "classifier.lr: '0.01' is not of type 'number'"),
+    ("train-classifier", {"resize_long": [32]}, "classifier.resize_long: [32] is too short"),
+    ("train-classifier", {"crop": 0}, "classifier.crop: 0 is less than the minimum of 8"),
+    ("train-classifier", {"checkpoint_every": 0}, "classifier.checkpoint_every: 0 is less than the minimum"),
+    ("train-classifier", {"batch_size": 0}, "classifier.batch_size: 0 is less than the minimum of 1"),
+    ("infer-cams", {"scales": []}, "infer.scales: [] should be non-empty"),
+    ("pseudo-masks", {"bg_threshold": 2}, "pseudo_masks.bg_threshold: 2 is greater than the maximum of 1"),
+])
+def test_stage_parameters_are_checked_as_the_config_is(indexed, command, params, problem):
+    """The commands check --params with the config schema: what the workflow refuses, they refuse."""
+    args = {"train-classifier": ["--index", indexed["index"]],
+            "infer-cams": ["--index", indexed["index"], "--classifier", indexed["root"] / "c.pt", "--split", "train"],
+            "pseudo-masks": ["--cams", indexed["root"] / "c.h5", "--dataset", "t"]}[command]
+    out = indexed["root"] / "out" / "result"
+    proc = eps(command, *args, "--params", json.dumps(params), "--out", out)
+    assert_user_error(proc, "--params", problem)
+    assert not (indexed["root"] / "out").exists()

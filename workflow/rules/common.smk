@@ -19,7 +19,7 @@ def validate_config():
     if isinstance(config.get("variants"), dict):
         config["variants"] = {k: v for k, v in config["variants"].items() if v is not None}
     try:
-        validate(config, "../schemas/config.schema.yaml")
+        validate(config, "../../eps/config.schema.yaml")  # also checks every command's --params
     except WorkflowError as exc:
         err = exc.__context__  # snakemake raises its WorkflowError while handling jsonschema's
         if not isinstance(err, jsonschema.exceptions.ValidationError):
