@@ -81,6 +81,10 @@ def read_label_file(path: Path, num_classes: int) -> dict[str, list[int]]:
         vec = np.asarray(vec).reshape(-1)
         if vec.size != num_classes:
             raise fail(path, f"id {key!r}: label vector has length {vec.size}, expected {num_classes}")
+        if vec.dtype.kind not in "biuf":
+            raise fail(path, f"id {key!r}: label vector holds {vec.dtype.name} values, expected numbers 0 / 1")
+        if not np.isfinite(vec.astype(np.float64)).all():
+            raise fail(path, f"id {key!r}: label vector holds NaN or infinite values")
         out[str(key)] = np.flatnonzero(vec > 0.5).tolist()
     return out
 

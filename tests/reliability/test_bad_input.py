@@ -309,6 +309,19 @@ def test_label_vector_of_the_wrong_length(world, tmp_path):
     assert not index_outputs(tmp_path / "idx")
 
 
+@pytest.mark.parametrize("vector, problem", [
+    (np.array([np.nan, 1, 0, 0, 0], np.float32), "label vector holds NaN or infinite values"),
+    (np.array(["1", "0", "0", "0", "0"]), "label vector holds str"),
+])
+def test_label_vector_that_is_not_numbers(world, tmp_path, vector, problem):
+    labels = world / "cls_labels.npy"
+    table = np.load(labels, allow_pickle=True).item()
+    table[ID] = vector
+    np.save(labels, table, allow_pickle=True)
+    assert_user_error(run_index(synthetic_block(world), tmp_path / "idx"), labels, f"id '{ID}': {problem}")
+    assert not index_outputs(tmp_path / "idx")
+
+
 @pytest.fixture
 def folder_dataset(world, tmp_path) -> Path:
     root = tmp_path / "folder"
