@@ -13,6 +13,8 @@ import csv
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +202,19 @@ def _resume_checkpoint(ckpt: Path, run: str, model, optimizer, log_path: Path, d
     log cut back to it; one left by a run with other `inputs` would give wrong weights and is
     ignored, and the log restarts. Only the `lead` process prints and touches the log.
     """
-    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.is_file() else None
+    state = None
+    if ckpt.is_file():
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=True)
+            if not isinstance(state, dict) or not {"model", "optimizer", "iteration"} <= state.keys():
+                raise ValueError("not a checkpoint of eps")
+        except Exception as exc:  # a truncated or damaged file (a crash while the disk filled)
+            state = None
+            if lead:
+                aside = ckpt.with_name(ckpt.name + ".corrupt")
+                os.replace(ckpt, aside)
+                print(f"warning: {ckpt}: unreadable checkpoint ({type(exc).__name__}) set aside as {aside.name}; "
+                      "training restarts", file=sys.stderr, flush=True)
     if state is not None and state.get("run") != run:
         if lead:
             print(f"ignoring {ckpt}: written by a run with other {inputs}", flush=True)

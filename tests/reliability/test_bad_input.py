@@ -122,6 +122,17 @@ def test_truncated_jpeg_stops_training(indexed, num_workers):
     assert not leftovers(indexed["root"])
 
 
+def test_a_corrupt_checkpoint_is_set_aside_and_training_restarts(indexed):
+    out = indexed["root"] / "cam" / "classifier.pt"
+    ckpt = out.parent / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 half a checkpoint")
+    proc = eps("train-classifier", "--index", indexed["index"], "--out", out, "--params", params())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "last.pt: unreadable checkpoint" in proc.stderr and "set aside as last.pt.corrupt" in proc.stderr
+    assert out.is_file() and (ckpt.parent / "last.pt.corrupt").read_bytes().startswith(b"PK")
+
+
 @pytest.fixture
 def eval_dirs(world, tmp_path) -> dict:
     """Ground truth and a perfect prediction (copies of the world's masks) for the train split."""
