@@ -256,14 +256,29 @@ def read_cams(shard, image_id: str):
     if "shapes" not in ds.attrs:
         raise EpsError(f"{shard.filename}: {image_id!r} is not a CAM entry of this eps version "
                        f"(rerun infer_cams)")
-    flat = ds[()]
+    where = f"{shard.filename}: CAM entry {image_id!r}"
+    missing = [k for k in ("background", "size", "classes") if k not in ds.attrs]
+    if missing:
+        raise EpsError(f"{where}: attribute {missing[0]!r} missing (rerun infer_cams)")
+    try:
+        flat = ds[()]
+    except OSError as exc:  # a damaged chunk: h5py cannot decompress it
+        raise EpsError(f"{where}: data cannot be read, the file is damaged ({' '.join(str(exc).split())[:120]})") from None
+    shapes = np.asarray(ds.attrs["shapes"]).reshape(-1, 2)
+    classes = np.asarray(ds.attrs["classes"], np.int64).reshape(-1)
+    background = bool(ds.attrs["background"])
+    size = tuple(int(v) for v in np.asarray(ds.attrs["size"]).reshape(-1))
+    rows = len(classes) + (1 if background else 0)
+    if (flat.ndim != 2 or len(size) != 2 or flat.shape[1] != int((shapes[:, 0] * shapes[:, 1]).sum())
+            or flat.shape[0] != rows):
+        raise EpsError(f"{where}: attributes do not match its data {flat.shape} (shapes {shapes.tolist()}, "
+                       f"{len(classes)} classes, size {list(size)}); rerun infer_cams")
     parts, start = [], 0
-    for h, w in np.asarray(ds.attrs["shapes"]).reshape(-1, 2):
+    for h, w in shapes:
         parts.append(flat[:, start:start + h * w].reshape(-1, h, w))
         start += h * w
-    background = bool(ds.attrs["background"])
-    maps = maps_from_parts(parts, tuple(int(v) for v in ds.attrs["size"]), background)
-    return maps, np.asarray(ds.attrs["classes"], np.int64), background
+    maps = maps_from_parts(parts, size, background)
+    return maps, classes, background
 
 
 def mask_from_maps(maps: np.ndarray, classes: np.ndarray, background: bool, bg_threshold: float) -> np.ndarray:

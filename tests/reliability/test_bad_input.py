@@ -566,3 +566,42 @@ def test_stage_parameters_are_checked_as_the_config_is(indexed, command, params,
     proc = eps(command, *args, "--params", json.dumps(params), "--out", out)
     assert_user_error(proc, "--params", problem)
     assert not (indexed["root"] / "out").exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda ds: ds.attrs.__delitem__("classes"), "attribute 'classes' missing"),
+    (lambda ds: ds.attrs.__setitem__("classes", np.array([0, 1, 2], np.int16)), "attributes do not match its data"),
+    (lambda ds: ds.attrs.__setitem__("shapes", np.array([[3, 3]], np.int32)), "attributes do not match its data"),
+])
+def test_a_cam_entry_with_a_missing_or_inconsistent_attribute(tmp_path, damage, problem):
+    from eps.data.io import atomic_h5
+    from eps.infer import write_cams
+
+    cams = tmp_path / "cams.h5"
+    with atomic_h5(cams, "eps.cams", "t") as f:
+        write_cams(f, "a", [np.random.default_rng(0).random((2, 4, 5), np.float32)], np.array([0, 3]), False, (8, 10))
+    with h5py.File(cams, "r+") as f:
+        damage(f["a"])
+    out = tmp_path / "masks.h5"
+    assert_user_error(eps("pseudo-masks", "--cams", cams, "--dataset", "t", "--out", out), cams, "'a'", problem)
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_a_damaged_hdf5_chunk(tmp_path):
+    from eps.data.io import atomic_h5
+    from eps.infer import write_cams
+
+    cams = tmp_path / "cams.h5"
+    with atomic_h5(cams, "eps.cams", "t") as f:
+        write_cams(f, "a", [np.random.default_rng(0).random((2, 40, 50), np.float32)], np.array([0, 3]), False,
+                   (80, 100))
+    with h5py.File(cams) as f:
+        offset = f["a"].id.get_offset() if f["a"].chunks is None else f["a"].id.get_chunk_info(0).byte_offset
+    data = bytearray(cams.read_bytes())
+    for i in range(offset + 8, offset + 200):
+        data[i] ^= 0xFF
+    cams.write_bytes(bytes(data))
+    out = tmp_path / "masks.h5"
+    assert_user_error(eps("pseudo-masks", "--cams", cams, "--dataset", "t", "--out", out), cams,
+                      "data cannot be read, the file is damaged")
+    assert not out.exists() and not leftovers(tmp_path)
