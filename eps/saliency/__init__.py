@@ -62,7 +62,7 @@ def _device(device: str):
 def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = False,
                   weights=None, device: str = "auto", progress: bool = True) -> Path:
     """Write the saliency maps of one shard of all indexed images to `out` (HDF5)."""
-    from eps.progress import progress
+    from eps.progress import progress as progress_bar
 
     from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows
     from eps.data.io import atomic_h5, read_image
@@ -85,7 +85,7 @@ def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = 
     with atomic_h5(out, "eps.saliency", dataset) as f:
         f.attrs["method"] = method
         items = zip(rows["id"], rows["image"], rows["saliency"])
-        for image_id, image, sal in progress(items, total=len(rows), desc=f"saliency {method}",
+        for image_id, image, sal in progress_bar(items, total=len(rows), desc=f"saliency {method}",
                                          disable=not progress, mininterval=5):
             f.create_dataset(image_id, data=saliency_of(image_id, image, sal), compression="gzip", compression_opts=1)
     return Path(out)
@@ -106,20 +106,43 @@ def predict_folder(method: str, images_dir, out_dir, weights=None, device: str =
                    progress: bool = True) -> int:
     """One uint8 PNG per image of `images_dir` in `out_dir` (same stem); returns the count.
 
-    Each map is written atomically, so an interrupted run leaves only complete PNGs.
+    All maps are written into a temporary folder that replaces `out_dir` when every image is
+    done, so a bad image leaves no maps behind. An existing `out_dir` is replaced only if an
+    earlier `eps saliency --images` wrote it (eps.data.io.OWNER_FILE) and it holds only PNGs.
+    Two images with one stem (`a.jpg`, `a.png`) would share one map: refused.
     """
-    from eps.progress import progress
+    import shutil
 
-    from eps.data.io import read_image, write_gray_png
+    from eps.data.io import check_replaceable, commit_output_dir, new_output_dir, read_image, write_gray_png
+    from eps.progress import progress as progress_bar
 
     images = list_images(images_dir)
-    predict = get_predictor(method, weights, _device(device))
+    stems: dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            raise EpsError(f"{path}: has the stem of {stems[path.stem].name}; both would be written as "
+                           f"{path.stem}.png (rename one)")
+        stems[path.stem] = path
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in progress(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
-        sal = predict(read_image(path))
-        write_gray_png(out_dir / f"{path.stem}.png", np.asarray(sal, np.uint8))
+    check_replaceable(out_dir, "saliency", _is_png)
+    predict = get_predictor(method, weights, _device(device))
+    tmp = new_output_dir(out_dir)
+    try:
+        for path in progress_bar(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
+            try:
+                sal = predict(read_image(path))
+            except EpsError as exc:
+                text = str(exc)
+                raise EpsError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+            write_gray_png(tmp / f"{path.stem}.png", np.asarray(sal, np.uint8))
+        commit_output_dir(tmp, out_dir, "saliency", _is_png)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return len(images)
+
+
+def _is_png(name: str) -> bool:
+    return name.endswith(".png")
 
 
 def train(method: str, out, images=None, masks_dir=None, index_csv=None, split: str = "train",

@@ -396,7 +396,7 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     it. The per-iteration log is copied to ``<out stem>_train_log.csv`` at the end.
     """
     from torch.utils.data import DataLoader
-    from eps.progress import progress
+    from eps.progress import progress as progress_bar
 
     from eps.models.deeplab import sha256_file
     from eps.train import _finish_checkpoints, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors
@@ -434,7 +434,7 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
         writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
         if new_log:
             writer.writeheader()
-        bar = progress(_unwrap_worker_errors(loader), total=total - start, desc=f"train {method}",
+        bar = progress_bar(_unwrap_worker_errors(loader), total=total - start, desc=f"train {method}",
                    mininterval=2, disable=not progress)
         for step, item in enumerate(bar, start=start):
             factor = lr_factor(method, step, total)

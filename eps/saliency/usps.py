@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from eps.progress import progress
+from eps.progress import progress as progress_bar
 
 from eps.data.io import atomic_path, read_image
 from eps.errors import EpsError, fail
@@ -269,7 +269,7 @@ def _load_images(image_paths, params: dict, progress: bool):
     """Network inputs (N, S, S, C) uint8, round-1 labels and weights (N, S, S) float32, prior names."""
     stacks, labels, weights = [], [], []
     names = None
-    for path in progress(image_paths, desc="usps priors", disable=not progress, mininterval=2):
+    for path in progress_bar(image_paths, desc="usps priors", disable=not progress, mininterval=2):
         rgb = read_image(path)
         stack, maps = network_input(rgb, params["size"], params["use_priors"])
         label, weight = pseudo_label(rgb, maps, params["size"], params)
@@ -291,7 +291,7 @@ def _train_round(model, stacks, labels, weights, params, device, gen, desc, prog
     label_t = torch.from_numpy(labels)[:, None]
     weight_t = torch.from_numpy(weights)[:, None]
     losses = []
-    with progress(total=total, desc=desc, disable=not progress, mininterval=2) as bar:
+    with progress_bar(total=total, desc=desc, disable=not progress, mininterval=2) as bar:
         for _ in range(params["epochs"]):
             order = torch.randperm(len(stacks), generator=gen)
             for step in range(steps_per_epoch):

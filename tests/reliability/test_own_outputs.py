@@ -110,3 +110,47 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, argv, f
     proc = eps(*[a.format(d=tmp_path) for a in argv])
     assert_user_error(proc, "is also an input", flag)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def _images(folder, names):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+
+
+def test_saliency_of_a_folder_leaves_no_maps_when_an_image_is_bad(tmp_path):
+    _images(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
+    (tmp_path / "imgs" / "c.png").write_bytes(b"not an image")
+    out = tmp_path / "sal"
+    assert_user_error(eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out),
+                      tmp_path / "imgs" / "c.png", "cannot decode image", only_line=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_saliency_of_a_folder_refuses_two_images_with_one_stem_and_names_a_tiny_image(tmp_path):
+    _images(tmp_path / "imgs", ["a.jpg", "a.png"])
+    assert_user_error(eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out",
+                          tmp_path / "sal"), "a.png", "has the stem of a.jpg")
+    from PIL import Image
+
+    (tmp_path / "tiny").mkdir()
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny" / "dot.png")
+    assert_user_error(eps("saliency", "--method", "classical", "--images", tmp_path / "tiny", "--out",
+                          tmp_path / "sal"), tmp_path / "tiny" / "dot.png", "too small", only_line=False)
+    assert not (tmp_path / "sal").exists()
+
+
+def test_saliency_of_a_folder_replaces_only_its_own_maps(tmp_path):
+    _images(tmp_path / "imgs", ["a.png", "b.png"])
+    out = tmp_path / "sal"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    assert_user_error(eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out),
+                      out, "not written by eps saliency")
+    (out / "mine.txt").unlink()
+    assert eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out).returncode == 0
+    assert eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "a.png", "b.png"]
