@@ -500,6 +500,12 @@ def _log_command(argv) -> None:
         print(f"# rerun: cd {shlex.quote(os.getcwd())} && {env}{shlex.join(['eps', *argv])}", flush=True)
 
 
+# errno values that are the user's situation, not a bug: one line naming the path, no traceback
+SYSTEM_ERRORS = {13: "permission denied", 17: "file exists", 20: "not a directory", 21: "is a directory",
+                 28: "no space left on device", 30: "read-only file system", 36: "file name too long",
+                 122: "disk quota exceeded"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -515,6 +521,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("eps: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only, a file where a folder must be, ...: the path and why
+        if exc.errno not in SYSTEM_ERRORS:
+            raise
+        where = exc.filename or "output"
+        print(f"eps: error: {where}: {exc.strerror or SYSTEM_ERRORS[exc.errno]}", file=sys.stderr)
+        return 2
     if os.environ.get("EPS_LOG_COMMAND"):
         print(f"# eps {args.command}: done in {time.perf_counter() - started:.1f} s", flush=True)
     return 0

@@ -27,6 +27,12 @@ def _read_metrics(path: Path) -> dict:
         raise fail(path, f"not a readable metrics JSON ({exc})") from None
     if not isinstance(data, dict) or "miou" not in data:
         raise fail(path, "not an eps metrics file (no 'miou')")
+    numbers = [("miou", data["miou"])]
+    if isinstance(data.get("boundary"), dict):
+        numbers += [(f"boundary.{k}", data["boundary"].get(k)) for k in ("precision", "recall", "f1")]
+    for key, value in numbers:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise fail(path, f"{key} is {value!r}, not a number (0..1) or null")
     return data
 
 

@@ -60,6 +60,8 @@ def id_problem(id_: str) -> str | None:
         return f"id {id_!r} contains a path separator"
     if ".." in id_:
         return f"id {id_!r} contains '..'"
+    if id_.startswith("."):
+        return f"id {id_!r} starts with '.' (a hidden or relative file name)"
     if id_ != id_.strip() or any(ord(c) < 32 for c in id_):
         return f"id {id_!r} contains whitespace or control characters at its ends"
     return None

@@ -357,6 +357,8 @@ def test_unknown_class_name_in_a_csv(folder_dataset, tmp_path):
     ("syn/train_00000", "contains a path separator"),
     ("..", "contains '..'"),
     ("syn..train", "contains '..'"),
+    (".", "starts with '.'"),
+    (".hidden", "starts with '.'"),
 ])
 def test_id_with_a_path_separator_or_dots_in_a_list(world, tmp_path, entry, problem):
     listing = world / "ImageSets" / "Segmentation" / "train.txt"
@@ -605,3 +607,25 @@ def test_a_damaged_hdf5_chunk(tmp_path):
     assert_user_error(eps("pseudo-masks", "--cams", cams, "--dataset", "t", "--out", out), cams,
                       "data cannot be read, the file is damaged")
     assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["synth", "index", "evaluate-masks"])
+def test_an_output_under_an_existing_file_is_one_line(world, tmp_path, command):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    out = blocker / "sub" / "out"
+    argv = {"synth": ["synth", "--out", out, "--params", json.dumps({"num_train": 2, "num_val": 1, "size": 32})],
+            "index": ["index", "--dataset", json.dumps(synthetic_block(world)), "--out", out / "index.csv"],
+            "evaluate-masks": ["evaluate-masks", "--pred", world / "SegmentationClass", "--gt",
+                               world / "SegmentationClass", "--ids", world / "ImageSets/Segmentation/train.txt",
+                               "--num-classes", 6, "--out", out]}[command]
+    line = assert_user_error(eps(*argv), blocker)
+    assert "Traceback" not in line and blocker.read_text() == "mine"
+
+
+def test_summary_refuses_a_metric_that_is_not_a_number(tmp_path):
+    bad = tmp_path / "metrics.json"
+    bad.write_text(json.dumps({"miou": "high"}))
+    assert_user_error(eps("summary", "--entry", f"eps:pseudo_masks:{bad}", "--out", tmp_path / "summary.csv"),
+                      bad, "miou is 'high', not a number")
+    assert not (tmp_path / "summary.csv").exists()
