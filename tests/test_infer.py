@@ -277,7 +277,7 @@ def test_shards_partition_the_split_and_masks_follow_the_rule(world, tmp_path):
             np.testing.assert_array_equal(mask, mask_from_maps(maps, a["classes"], bool(a["background"]), 0.2))
 
     png_dir = export_pngs(mask_shards, tmp_path / "png", "t")
-    assert sorted(p.name for p in png_dir.iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert sorted(p.name for p in png_dir.iterdir()) == sorted([f"{i}.png" for i in ids] + [".eps-output"])
     for image_id in ids:
         with Image.open(png_dir / f"{image_id}.png") as img:
             assert img.mode == "P"
