@@ -161,7 +161,7 @@ def test_load_weights_errors(tmp_path):
     assert "not a state_dict" in _error(model, tmp_path / "notsd.pt")
 
     (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file")
-    assert "cannot load" in _error(model, tmp_path / "garbage.pt")
+    assert "not a weights file" in _error(model, tmp_path / "garbage.pt")
     assert "cannot load" in _error(model, tmp_path / "absent.pt")
 
     assert torch.equal(model.fc8.weight, before)  # a failed load changes nothing

@@ -180,8 +180,14 @@ def test_existing_out_dir_and_overwrite(tmp_path):
     (out / "stale.txt").write_text("x")
     with pytest.raises(EpsError, match="already exists"):
         generate(out, **SMALL)
+    # overwrite replaces only a world eps wrote: a folder of the user's stays as it is
+    with pytest.raises(EpsError, match="not written by eps synth"):
+        generate(out, overwrite=True, **SMALL)
+    assert (out / "stale.txt").read_text() == "x"
+    (out / "stale.txt").unlink()
     generate(out, overwrite=True, **SMALL)
-    assert not (out / "stale.txt").exists() and (out / "meta.json").is_file()
+    generate(out, overwrite=True, **SMALL)  # its own world: replaced
+    assert (out / "meta.json").is_file() and (out / ".eps-output").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
