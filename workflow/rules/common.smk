@@ -26,12 +26,18 @@ def validate_config():
             raise
         key = ".".join(str(k) for k in err.absolute_path) or "(top level)"
         raise WorkflowError(f"config: {key}: {' '.join(err.message.split())}") from None
-    splits = set(config["dataset"].get("splits") or {"train": None, "val": None})
+    dataset = config["dataset"]
+    if dataset["type"] == "folder":  # one split, named by `split`
+        splits = {dataset.get("split", "train")}
+    else:
+        splits = set(dataset.get("splits") or {"train": None, "val": None})
     if config["train_split"] not in splits:
         raise WorkflowError(f"config: train_split: {config['train_split']!r} is not one of dataset.splits "
                             f"({', '.join(sorted(splits))})")
-    for key, value in (("evaluation.splits", config["evaluation"]["splits"]),
-                       ("segmenter.predict.split", [config["segmenter"]["predict"]["split"]])):
+    checked = [("evaluation.splits", config["evaluation"]["splits"])]
+    if config["segmenter"].get("enabled", True):
+        checked.append(("segmenter.predict.split", [config["segmenter"]["predict"]["split"]]))
+    for key, value in checked:
         for split in value:
             if split not in splits:
                 raise WorkflowError(f"config: {key}: {split!r} is not one of dataset.splits ({', '.join(sorted(splits))})")
