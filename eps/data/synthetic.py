@@ -618,6 +618,7 @@ def generate(out_dir, config: SynthConfig | None = None, *, overwrite: bool = Fa
         raise EpsError(f"{out_dir}: already exists (remove it, or pass overwrite=True)")
     # overwrite replaces only a world eps synth wrote itself (eps.data.io.OWNER_FILE), never a
     # folder of the user's; a temporary folder left by a killed run is removed when it is old.
+    _adopt_earlier_world(out_dir)
     check_replaceable(out_dir, "synth", _is_world_entry)
     _remove_stale_tmp(out_dir)
     tmp = new_output_dir(out_dir)
@@ -636,6 +637,20 @@ WORLD_ENTRIES = {"JPEGImages", "SegmentationClass", "ContextClass", "SALImages",
 
 def _is_world_entry(name: str) -> bool:
     return name in WORLD_ENTRIES
+
+
+def _adopt_earlier_world(out_dir: Path) -> None:
+    """A world of an eps version before the owner marker: its meta.json says what wrote it."""
+    from eps.data.io import OWNER_FILE
+
+    meta = out_dir / "meta.json"
+    if out_dir.is_dir() and not (out_dir / OWNER_FILE).exists() and meta.is_file():
+        try:
+            written_by_synth = json.loads(meta.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            written_by_synth = False
+        if written_by_synth:
+            (out_dir / OWNER_FILE).write_text("synth\n")
 
 
 def _remove_stale_tmp(out_dir: Path, age_s: float = 3600.0) -> None:

@@ -154,3 +154,13 @@ def test_saliency_of_a_folder_replaces_only_its_own_maps(tmp_path):
     assert eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out).returncode == 0
     assert eps("saliency", "--method", "classical", "--images", tmp_path / "imgs", "--out", out).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "a.png", "b.png"]
+
+
+def test_synth_replaces_a_world_of_an_earlier_eps_version(tmp_path):
+    """Worlds written before the marker existed carry eps's meta.json: still eps synth's own."""
+    out = tmp_path / "world"
+    assert eps("synth", "--out", out, "--params", SYNTH).returncode == 0
+    (out / OWNER_FILE).unlink()
+    proc = eps("synth", "--out", out, "--params", SYNTH)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / OWNER_FILE).is_file()
