@@ -164,3 +164,17 @@ def test_synth_replaces_a_world_of_an_earlier_eps_version(tmp_path):
     proc = eps("synth", "--out", out, "--params", SYNTH)
     assert proc.returncode == 0, proc.stderr
     assert (out / OWNER_FILE).is_file()
+
+
+def test_synth_removes_the_temporary_folder_of_a_killed_run(tmp_path):
+    import os
+    import time
+
+    stale = tmp_path / ".world.tmp-abc123"
+    (stale / "JPEGImages").mkdir(parents=True)
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    fresh = tmp_path / ".world.tmp-running"  # a concurrent run's: kept
+    fresh.mkdir()
+    assert eps("synth", "--out", tmp_path / "world", "--params", SYNTH).returncode == 0
+    assert not stale.exists() and fresh.exists()
