@@ -50,6 +50,7 @@ def _imagenet_crop(path) -> torch.Tensor:
     return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))
 
 
+@pytest.mark.slow  # 437 photos through the network: about a minute
 def test_imagenet_top5_finds_the_cats_and_dogs_of_real_voc_photos(imagenet_lite0):
     if not PHOTOS.is_dir():
         pytest.skip("../shared/data/voc12_photos not found (real VOC photos)")
