@@ -278,9 +278,11 @@ def test_rules_find_eps_without_it_on_path(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "PATH"}
     env["PATH"] = "/usr/bin:/bin"
+    overlay = tmp_path / "small.yaml"
+    overlay.write_text("synth: {num_train: 3, num_val: 1, size: 32}\n")
     proc = subprocess.run(SNAKEMAKE + ["--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-                                       "--configfile", str(ROOT / "config.yaml"), "--config", "synth={num_train: 3, "
-                                       "num_val: 1, size: 32}", "--", "results/synthetic/index.csv"],
+                                       "--configfile", str(ROOT / "config.yaml"), str(overlay), "--",
+                                       "results/synthetic/index.csv"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "results" / "synthetic" / "logs" / "index.log").read_text().splitlines()
