@@ -497,7 +497,7 @@ def _log_command(argv) -> None:
     if os.environ.get("EPS_LOG_COMMAND"):
         threads = os.environ.get("EPS_THREADS")
         env = f"EPS_THREADS={threads} " if threads else ""
-        print(f"# rerun: cd {shlex.quote(os.getcwd())} && {env}{shlex.join(['eps', *argv])}", flush=True)
+        print(f"# rerun: cd {shlex.quote(os.getcwd())} && {env}{shlex.join(['eps', *map(str, argv)])}", flush=True)
 
 
 # errno values that are the user's situation, not a bug: one line naming the path, no traceback
