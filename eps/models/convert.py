@@ -68,6 +68,28 @@ TARGET = {"mxnet-resnet38": "resnet38", "resnet38": "resnet38",
 TARGET_NAMES = {"resnet38": "ResNet-38", "resnet101": "ResNet-101", "vgg16": "VGG16"}
 
 
+def fit_problems(own: dict, state: dict) -> list[str]:
+    """Why `state` does not load strictly into a module whose state_dict is `own` (empty: it fits).
+
+    `num_batches_tracked` buffers absent from `state` (older files) take the module's values
+    (filled into `state`).
+    """
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {short_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch (file vs model): {short_list(mismatched)}")
+    return problems
+
+
 def short_list(keys, limit: int = 5) -> str:
     """'a, b, c, d, e (+3 more)': a sorted, bounded list for one-line messages."""
     keys = sorted(keys)

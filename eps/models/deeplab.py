@@ -311,25 +311,11 @@ def load_backbone(model: Segmenter, path, weights=None) -> list[str]:
     A file that does not fit the backbone exactly is an error naming the file. ``weights``:
     the file already read by ``read_init``.
     """
-    from eps.models.convert import short_list
+    from eps.models.convert import fit_problems
 
     weights = weights if weights is not None else read_init(path)
     state = {k: v for k, v in weights.state.items() if not k.startswith(HEAD_PREFIXES)}
-    own = model.backbone.state_dict()
-    for k in own:
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing = own.keys() - state.keys()
-    unexpected = state.keys() - own.keys()
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch (file vs model): {short_list(mismatched)}")
+    problems = fit_problems(model.backbone.state_dict(), state)
     if problems:
         raise EpsError(f"{path}: weights do not fit the {model.name} backbone "
                        f"({weights.description}): " + "; ".join(problems))

@@ -214,25 +214,12 @@ def read_lite0_state(path=None) -> dict:
 
 def load_lite0(module: nn.Module, path=None, *, with_fc: bool = False) -> nn.Module:
     """Load the ImageNet weights into an EfficientNetLite0 / Lite0Backbone strictly by name."""
-    from eps.models.convert import short_list
+    from eps.models.convert import fit_problems
 
     state = read_lite0_state(path)
     if not with_fc:
         state = {k: v for k, v in state.items() if not k.startswith(IMAGENET_HEAD)}
-    own = module.state_dict()
-    for k in own:
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch (file vs model): {short_list(mismatched)}")
+    problems = fit_problems(module.state_dict(), state)
     if problems:
         raise EpsError(f"{path or imagenet_weights_path()}: not EfficientNet-Lite0 weights: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
