@@ -16,7 +16,7 @@ from pathlib import Path
 
 from eps.errors import EpsError
 
-SALIENCY_METHODS = ("classical", "usps", "pfan", "dss", "precomputed")  # eps.saliency.METHODS, without importing it
+SALIENCY_METHODS = ("classical", "usps", "pfan", "dss", "csnet", "precomputed")  # eps.saliency.METHODS, without importing it
 
 
 def _params(p):
@@ -86,7 +86,8 @@ def cmd_eval_saliency(a):
 
     if (a.pred is None) == (a.shards is None):
         raise EpsError("eval-saliency: give exactly one of --pred DIR (PNGs) or --shards (HDF5 shards)")
-    result = evaluate_dirs(a.pred, a.gt) if a.pred is not None else evaluate_shards(a.shards, a.gt)
+    result = (evaluate_dirs(a.pred, a.gt, ids=a.ids) if a.pred is not None
+              else evaluate_shards(a.shards, a.gt, ids=a.ids))
     write_json(result, a.out)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default=None, help="index.csv of a workflow run: write one HDF5 shard")
     p.add_argument("--images", default=None, help="a folder of images: write one uint8 PNG per image into --out")
     p.add_argument("--method", default="classical", choices=list(SALIENCY_METHODS), help="saliency method (docs/saliency.md)")
-    p.add_argument("--weights", default=None, help="weights file (usps, pfan, dss)")
+    p.add_argument("--weights", default=None, help="weights file (usps, pfan, dss; csnet: the .pth.tar, its .bin beside it)")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--shard", default="1-of-1", help="which shard, as I-of-N")
     p.add_argument("--strict", action="store_true", help="precomputed: a map of another size than its image is an error")
@@ -398,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", default=None, help="folder of predicted maps (PNG)")
     p.add_argument("--shards", nargs="+", default=None, help="saliency HDF5 shards of a workflow run (maps per image id)")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG, non-zero = salient; "
-                   "with --shards the dataset's label masks {id}.png)")
+                   "with --shards the dataset's label masks {id}.png; VOC label PNGs: void 255 ignored)")
+    p.add_argument("--ids", default=None, help="a file of image ids, one a line: score only those "
+                   "(the masks folder may hold more)")
     p.add_argument("--out", required=True, help="JSON file")
     p.set_defaults(func=cmd_eval_saliency)
 

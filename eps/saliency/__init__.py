@@ -1,14 +1,18 @@
-"""Saliency stage: uint8 saliency maps (H x W, image size) per image, from one of five methods.
+"""Saliency stage: uint8 saliency maps (H x W, image size) per image, from one of six methods.
 
 - `classical`: training-free priors (boundary connectivity, colour contrast, centre); CPU.
 - `usps`: unsupervised, a small network self-trained on the dataset's own images from fused
   priors (DeepUSPS-style); trained by `eps train-saliency --method usps`.
 - `pfan`, `dss`: the published VGG16 detectors, from the authors' weights or trained on a
   saliency dataset (`eps train-saliency`).
+- `csnet`: CSNet (ECCV 2020), the authors' released checkpoint (a .pth.tar with its .bin
+  layer configuration); a 141K-parameter supervised detector, fast on CPU.
 - `precomputed`: a folder of PNGs, as the official EPS release distributes them.
 
 Every method but `precomputed` is a predictor `rgb uint8 H x W x 3 -> uint8 H x W`
-(`get_predictor`), used alike by the workflow (HDF5 shards) and by folders of images.
+(`get_predictor`), used alike by the workflow (HDF5 shards) and by folders of images. A
+predictor may also have `predict.batch(images) -> maps` (several images per forward pass);
+`predict_batches` uses it when present.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 
 from eps.errors import EpsError
 
-METHODS = ("classical", "usps", "pfan", "dss", "precomputed")
+METHODS = ("classical", "usps", "pfan", "dss", "csnet", "precomputed")
+BATCH = 8  # images read and predicted together when a predictor has `.batch`
 TRAINABLE = ("usps", "pfan", "dss")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -52,6 +57,33 @@ def get_predictor(method: str, weights=None, device="cpu"):
     return module.load_predictor(weights, device=str(device))
 
 
+def predict_batches(predict, items, read, label):
+    """Yield (item, map) for `items`, reading each with `read`; `BATCH` at a time through
+    `predict.batch` when the predictor has one. An EpsError of the predictor is re-raised
+    naming `label(item)` (a failing batch is retried image by image to find which)."""
+    def one(item, rgb):
+        try:
+            return predict(rgb)
+        except EpsError as exc:
+            text, name = str(exc), str(label(item))
+            raise EpsError(text if text.startswith(name) else f"{name}: {text}") from None
+
+    batch = getattr(predict, "batch", None)
+    items = list(items)
+    step = BATCH if batch is not None else 1
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
+        images = [read(item) for item in chunk]
+        if batch is None:
+            yield chunk[0], one(chunk[0], images[0])
+            continue
+        try:
+            maps = batch(images)
+        except EpsError:
+            maps = [one(item, rgb) for item, rgb in zip(chunk, images)]
+        yield from zip(chunk, maps)
+
+
 def _device(device: str):
     from eps.config import choose_device, set_threads
 
@@ -74,20 +106,17 @@ def extract_shard(index_csv, method: str, scatteritem: str, out, strict: bool = 
     if method == "precomputed":
         from eps.saliency.precomputed import load_map
 
-        def saliency_of(image_id, image, sal):
-            return load_map(image_id, image, sal, strict)
+        maps = ((item, load_map(*item, strict)) for item in zip(rows["id"], rows["image"], rows["saliency"]))
     else:
         predict = get_predictor(method, weights, _device(device))
-
-        def saliency_of(image_id, image, sal):
-            return predict(read_image(image))
+        maps = predict_batches(predict, zip(rows["id"], rows["image"]), lambda item: read_image(item[1]),
+                               lambda item: item[1])
 
     with atomic_h5(out, "eps.saliency", dataset) as f:
         f.attrs["method"] = method
-        items = zip(rows["id"], rows["image"], rows["saliency"])
-        for image_id, image, sal in progress_bar(items, total=len(rows), desc=f"saliency {method}",
-                                         disable=not progress, mininterval=5):
-            f.create_dataset(image_id, data=saliency_of(image_id, image, sal), compression="gzip", compression_opts=1)
+        for item, sal in progress_bar(maps, total=len(rows), desc=f"saliency {method}",
+                                      disable=not progress, mininterval=5):
+            f.create_dataset(item[0], data=sal, compression="gzip", compression_opts=1)
     return Path(out)
 
 
@@ -128,12 +157,9 @@ def predict_folder(method: str, images_dir, out_dir, weights=None, device: str =
     predict = get_predictor(method, weights, _device(device))
     tmp = new_output_dir(out_dir)
     try:
-        for path in progress_bar(images, desc=f"saliency {method}", disable=not progress, mininterval=5):
-            try:
-                sal = predict(read_image(path))
-            except EpsError as exc:
-                text = str(exc)
-                raise EpsError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+        maps = predict_batches(predict, images, read_image, lambda path: path)
+        for path, sal in progress_bar(maps, total=len(images), desc=f"saliency {method}",
+                                      disable=not progress, mininterval=5):
             write_gray_png(tmp / f"{path.stem}.png", np.asarray(sal, np.uint8))
         commit_output_dir(tmp, out_dir, "saliency", _is_png)
     finally:

@@ -5,6 +5,9 @@ the same shape. They follow the common protocol of the saliency literature (beta
 max F over 256 thresholds taken on the curve averaged over images), so the figures compare
 with published tables. Maps are scored as stored: unlike some toolkits, a map is not
 stretched to [0, 1] per image (eps's maps already span 0..255).
+
+Every function takes an optional `valid` mask: pixels outside it (the VOC void label 255,
+`VOID`) are left out of every score, neither salient nor background.
 """
 
 from __future__ import annotations
@@ -15,19 +18,27 @@ from typing import Iterable
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from eps.data.io import atomic_path, read_saliency
 from eps.errors import fail
 
 THRESHOLDS = 256
+VOID = 255  # the VOC label of unannotated object borders
 _EPS = np.finfo(np.float64).eps
 
 
-def _as_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+def _as_pair(pred, gt, valid=None) -> tuple[np.ndarray, np.ndarray]:
+    """pred and gt as float / bool arrays; with `valid`, only its pixels (flattened)."""
     pred = np.asarray(pred, np.float64)
     gt = np.asarray(gt, bool)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    if valid is not None:
+        valid = np.asarray(valid, bool)
+        if valid.shape != gt.shape:
+            raise ValueError(f"valid mask {valid.shape} and ground truth {gt.shape} differ in shape")
+        return pred[valid], gt[valid]
     return pred, gt
 
 
@@ -40,9 +51,9 @@ def _f_measure(precision, recall, beta2: float):
     return np.divide(top, bottom, out=np.zeros_like(top), where=bottom > 0)
 
 
-def mae(pred, gt) -> float:
+def mae(pred, gt, valid=None) -> float:
     """Mean absolute error between the map and the binary mask."""
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = _as_pair(pred, gt, valid)
     return float(np.abs(pred - gt).mean())
 
 
@@ -60,16 +71,16 @@ def adaptive_threshold(pred) -> float:
     return min(2.0 * float(np.mean(pred)), 1.0)
 
 
-def f_adaptive(pred, gt, beta2: float = 0.3) -> float:
+def f_adaptive(pred, gt, beta2: float = 0.3, valid=None) -> float:
     """F-measure of the map binarised at `adaptive_threshold` (pred >= threshold)."""
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = _as_pair(pred, gt, valid)
     precision, recall = precision_recall(pred >= adaptive_threshold(pred), gt)
     return float(_f_measure(precision, recall, beta2))
 
 
-def pr_curve(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+def pr_curve(pred, gt, valid=None) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at the 256 thresholds t/255, t = 0..255 (pred quantised to 8 bits)."""
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = _as_pair(pred, gt, valid)
     levels = np.clip(np.rint(pred * 255), 0, 255).astype(np.int64)
     # pixels at or above threshold t = suffix sums of the per-level histograms
     fg = np.bincount(levels[gt], minlength=THRESHOLDS)[::-1].cumsum()[::-1]
@@ -81,9 +92,9 @@ def pr_curve(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     return precision, recall
 
 
-def f_curve(pred, gt, beta2: float = 0.3) -> np.ndarray:
+def f_curve(pred, gt, beta2: float = 0.3, valid=None) -> np.ndarray:
     """The F-measure at each of the 256 thresholds of `pr_curve` (one image)."""
-    return _f_measure(*pr_curve(pred, gt), beta2)
+    return _f_measure(*pr_curve(pred, gt, valid), beta2)
 
 
 def max_of_mean_curve(curves: Iterable[np.ndarray]) -> float:
@@ -110,9 +121,9 @@ def _object_score(values: np.ndarray) -> float:
     return float(2 * mean / (mean * mean + 1 + std + _EPS))
 
 
-def _s_object(pred: np.ndarray, gt: np.ndarray) -> float:
-    share = gt.mean()
-    return share * _object_score(pred[gt]) + (1 - share) * _object_score(1 - pred[~gt])
+def _s_object(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> float:
+    share = gt[valid].mean()
+    return share * _object_score(pred[gt & valid]) + (1 - share) * _object_score(1 - pred[~gt & valid])
 
 
 def _ssim(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -129,10 +140,12 @@ def _ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if bottom == 0 else 0.0
 
 
-def _s_region(pred: np.ndarray, gt: np.ndarray) -> float:
-    """SSIM of the four quadrants split at the ground truth's centroid, weighted by area."""
+def _s_region(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> float:
+    """SSIM of the four quadrants split at the ground truth's centroid, weighted by area
+    (valid pixels only)."""
     h, w = gt.shape
-    rows, cols = np.nonzero(gt)  # not empty: the caller handles a gt without object
+    total = np.count_nonzero(valid)
+    rows, cols = np.nonzero(gt & valid)  # not empty: the caller handles a gt without object
     # the centroid rounded half up, 1-based as in the reference code: the top-left
     # quadrant includes its row and column
     cy = int(np.floor(rows.mean() + 0.5)) + 1
@@ -141,58 +154,96 @@ def _s_region(pred: np.ndarray, gt: np.ndarray) -> float:
     score = 0.0
     for ys in (slice(0, cy), slice(cy, h)):
         for xs in (slice(0, cx), slice(cx, w)):
-            part = pred[ys, xs]
+            keep = valid[ys, xs]
+            part = pred[ys, xs][keep]
             if part.size:
-                score += part.size / (h * w) * _ssim(part, gt[ys, xs])
+                score += part.size / total * _ssim(part, gt[ys, xs][keep])
     return score
 
 
-def s_measure(pred, gt, alpha: float = 0.5) -> float:
+def s_measure(pred, gt, alpha: float = 0.5, valid=None) -> float:
     """Structure measure (Fan et al., ICCV 2017): object- and region-aware similarity.
 
     A ground truth with no object scores 1 - mean(pred); one that is all object, mean(pred).
     """
     pred, gt = _as_pair(pred, gt)
-    share = gt.mean()
+    valid = np.ones(gt.shape, bool) if valid is None else _as_pair(pred, np.asarray(valid, bool))[1]
+    if not valid.any():
+        return float("nan")
+    share = gt[valid].mean()
     if share == 0:
-        return float(1 - pred.mean())
+        return float(1 - pred[valid].mean())
     if share == 1:
-        return float(pred.mean())
-    score = alpha * _s_object(pred, gt) + (1 - alpha) * _s_region(pred, gt)
+        return float(pred[valid].mean())
+    score = alpha * _s_object(pred, gt, valid) + (1 - alpha) * _s_region(pred, gt, valid)
     return float(max(score, 0.0))
 
 
 # ------------------------------------------------------------------------------ datasets
 
-def evaluate_maps(pairs: Iterable[tuple[np.ndarray, np.ndarray]], beta2: float = 0.3) -> dict:
-    """Mean MAE, adaptive F and S-measure, and max F of the mean F curve, over (pred, gt) pairs."""
+def evaluate_maps(pairs: Iterable[tuple], beta2: float = 0.3) -> dict:
+    """Mean MAE, adaptive F and S-measure, and max F of the mean F curve, over (pred, gt) or
+    (pred, gt, valid) tuples; an image with no valid pixel is left out."""
     scores = {"mae": [], "f_adaptive": [], "s_measure": []}
     curves = []
-    for pred, gt in pairs:
+    for pred, gt, *rest in pairs:
+        valid = rest[0] if rest else None
         pred, gt = _as_pair(pred, gt)
-        scores["mae"].append(mae(pred, gt))
-        scores["f_adaptive"].append(f_adaptive(pred, gt, beta2))
-        scores["s_measure"].append(s_measure(pred, gt))
-        curves.append(f_curve(pred, gt, beta2))
+        if valid is not None and not np.any(valid):
+            continue
+        scores["mae"].append(mae(pred, gt, valid))
+        scores["f_adaptive"].append(f_adaptive(pred, gt, beta2, valid))
+        scores["s_measure"].append(s_measure(pred, gt, valid=valid))
+        curves.append(f_curve(pred, gt, beta2, valid))
     result = {name: float(np.mean(values)) if values else float("nan") for name, values in scores.items()}
     result["f_max"] = max_of_mean_curve(curves)
     result["images"] = len(curves)
     return result
 
 
-def read_pair(pred_path, gt_path) -> tuple[np.ndarray, np.ndarray]:
-    """A prediction PNG in [0, 1] at its ground truth's size (bilinear), and the mask (non-zero)."""
-    gt = read_saliency(gt_path) > 0
+def read_gt(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A ground truth as (salient, valid): a saliency mask (grey, non-zero = salient, all
+    valid) or a VOC label PNG (palette: non-zero classes salient, void 255 not valid)."""
+    from eps.data.io import read_index_png
+
+    with Image.open(path) as img:
+        palette = img.mode == "P"
+    if palette:
+        labels = read_index_png(path)
+        return (labels > 0) & (labels != VOID), labels != VOID
+    return read_saliency(path) > 0, None
+
+
+def read_pair(pred_path, gt_path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A prediction PNG in [0, 1] at its ground truth's size (bilinear), the mask and its valid pixels."""
+    try:
+        gt, valid = read_gt(gt_path)
+    except (OSError, ValueError) as exc:
+        raise fail(gt_path, f"unreadable ground truth ({exc})") from None
     pred = read_saliency(pred_path).astype(np.float32) / 255.0
     if pred.shape != gt.shape:
         pred = np.clip(cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR), 0, 1)
-    return pred, gt
+    return pred, gt, valid
 
 
-def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3) -> dict:
+def read_ids(path) -> list[str]:
+    """Image ids, one a line (blank lines and `#` comments skipped); none is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "ids file not found")
+    ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise fail(path, "no image ids in this file")
+    return ids
+
+
+def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     """Score the PNG maps in `pred_dir` against the masks in `gt_dir`, paired by file stem.
 
     Every ground truth needs its prediction; predictions without a ground truth are ignored.
+    With `ids` (a file, one id a line) only those images are scored: each needs its mask and
+    prediction, other masks are ignored. A VOC label PNG as ground truth has its void ignored.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (gt_dir, pred_dir):
@@ -201,6 +252,13 @@ def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3) -> dict:
     gt_paths = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".png")
     if not gt_paths:
         raise fail(gt_dir, "no ground-truth PNG files in this folder")
+    if ids is not None:
+        by_stem = {p.stem: p for p in gt_paths}
+        wanted = read_ids(ids)
+        for image_id in wanted:
+            if image_id not in by_stem:
+                raise fail(gt_dir / f"{image_id}.png", f"no ground truth for id {image_id!r} of {ids}")
+        gt_paths = [by_stem[i] for i in dict.fromkeys(wanted)]
     pred_paths = {p.stem: p for p in pred_dir.iterdir() if p.suffix.lower() == ".png"}
     for gt_path in gt_paths:
         if gt_path.stem not in pred_paths:
@@ -216,12 +274,13 @@ def write_json(result: dict, out) -> Path:
     return out
 
 
-def evaluate_shards(shards, gt_dir, beta2: float = 0.3) -> dict:
+def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     """Score the maps of saliency HDF5 shards against the dataset's masks `{gt_dir}/{id}.png`.
 
-    Every non-zero label counts as salient: classes and the void band around objects (255),
-    as the class-agnostic object extent that a saliency map is asked to cover. Images without
-    a mask (a test split) are skipped and counted; none at all is an error.
+    Every class label counts as salient, background as not; the void band around objects
+    (255) is ignored (it is not annotated either way). Images without a mask (a test split)
+    are skipped and counted; none at all is an error. With `ids` (a file, one id a line) only
+    those images are scored, and each must be in the shards.
     """
     from eps.data.io import open_h5, read_index_png
 
@@ -230,21 +289,30 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3) -> dict:
         raise fail(gt_dir, "folder not found")
 
     skipped = []
+    wanted = None if ids is None else set(read_ids(ids))
+    seen = set()
 
     def pairs():
         for shard in shards:
             with open_h5(shard, "eps.saliency") as f:
                 for image_id in sorted(f):
+                    if wanted is not None and image_id not in wanted:
+                        continue
+                    seen.add(image_id)
                     gt_path = gt_dir / f"{image_id}.png"
                     if not gt_path.is_file():
                         skipped.append(image_id)
                         continue
-                    gt = read_index_png(gt_path) > 0
+                    labels = read_index_png(gt_path)
                     pred = f[image_id][()].astype(np.float32) / 255.0
-                    if pred.shape != gt.shape:
+                    if pred.shape != labels.shape:
                         raise fail(shard, f"map of {image_id!r} is {pred.shape[1]}x{pred.shape[0]}, "
-                                          f"its mask {gt.shape[1]}x{gt.shape[0]}")
-                    yield pred, gt
+                                          f"its mask {labels.shape[1]}x{labels.shape[0]}")
+                    yield pred, (labels > 0) & (labels != VOID), labels != VOID
+        if wanted is not None and wanted - seen:
+            missing = sorted(wanted - seen)
+            raise fail(ids, f"id {missing[0]!r} is in no saliency shard" +
+                       (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     result = evaluate_maps(pairs(), beta2)
     if not result["images"]:

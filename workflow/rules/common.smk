@@ -153,6 +153,7 @@ SALIENCY_CODE = {
     "usps": ["eps/saliency/usps.py", "eps/saliency/classical.py"],
     "pfan": ["eps/saliency/pfan.py", "eps/saliency/supervised.py"],
     "dss": ["eps/saliency/dss.py", "eps/saliency/pfan.py", "eps/saliency/supervised.py"],
+    "csnet": ["eps/saliency/csnet.py"],
     "precomputed": ["eps/saliency/precomputed.py"],
 }
 
@@ -162,13 +163,18 @@ def saliency_code(method):
 
 
 def saliency_weights(wildcards):
-    """The weights of a network method: usps trains its own (train_saliency), pfan / dss read saliency.weights."""
+    """The weights of a network method: usps trains its own (train_saliency), pfan / dss / csnet
+    read saliency.weights (csnet also its .bin layer configuration, same stem, as a second input)."""
     if wildcards.method == "usps":
         return [f"{RESULTS}/saliency/usps/model.pt"]
-    if wildcards.method in ("pfan", "dss"):
+    if wildcards.method in ("pfan", "dss", "csnet"):
         weights = config["saliency"].get("weights")
         if not weights:
             raise ValueError(f"saliency.weights: method {wildcards.method} needs a weights file")
+        if wildcards.method == "csnet":  # eps.saliency.csnet.config_path, without importing torch here
+            stem = next((weights[: -len(s)] for s in (".pth.tar", ".pth", ".pt", ".tar") if weights.endswith(s)),
+                        os.path.splitext(weights)[0])
+            return [weights, stem + ".bin"]
         return [weights]
     return []
 

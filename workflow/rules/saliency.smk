@@ -1,5 +1,5 @@
 # Saliency maps, sharded by image. `usps` first self-trains its network on the dataset's own
-# training images (rule train_saliency); `pfan` / `dss` read the weights file of the config.
+# training images (rule train_saliency); `pfan` / `dss` / `csnet` read the weights file of the config.
 
 
 rule train_saliency:
@@ -34,12 +34,12 @@ rule saliency:
         f"{RESULTS}/saliency/{{method}}/shard-{{scatteritem}}.h5",
     params:
         strict="--strict" if config["saliency"]["strict"] else "",
-        weights=lambda w, input: f"--weights {shlex.quote(str(input.weights))}" if input.weights else "",
+        weights=lambda w, input: f"--weights {shlex.quote(str(input.weights[0]))}" if input.weights else "",
         device=config["device"],
         code=lambda w: saliency_code(w.method),
     threads: config["threads"]["infer"]
     resources:
-        gpu=lambda w: 1 if w.method in ("usps", "pfan", "dss") else 0,
+        gpu=lambda w: 1 if w.method in ("usps", "pfan", "dss", "csnet") else 0,
     log:
         f"{RESULTS}/logs/saliency/{{method}}/shard-{{scatteritem}}.log",
     benchmark:
