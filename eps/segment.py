@@ -84,7 +84,7 @@ PREDICT_DEFAULTS = {
     "amp": False,
 }
 
-PRETRAINING = ("imagenet", "coco", "none")
+PRETRAINING = ("imagenet", "coco", "classifier", "none")
 # Parameters that do not change the trained weights: a checkpoint stays valid across them.
 _RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every", "enabled", "pseudo_labels", "init_pretraining"}
 
@@ -176,6 +176,9 @@ def check_train_params(params: dict) -> None:
     if params["init_pretraining"] not in PRETRAINING:
         raise EpsError(f"segmenter.init_pretraining: unknown value {params['init_pretraining']!r} "
                        f"(allowed: {', '.join(PRETRAINING)})")
+    if not params["weights"] and params["init_pretraining"] == "classifier":
+        raise EpsError("segmenter.init_pretraining: 'classifier' needs the classifier file in segmenter.weights "
+                       "(the workflow passes the variant's classifier.pt)")
     if not params["weights"] and params["init_pretraining"] != "none" and params["model"] not in PACKAGED_SEGMENTERS:
         raise EpsError(f"segmenter.init_pretraining: {params['init_pretraining']!r} given but no weights file "
                        "(segmenter.weights is null: training starts from scratch)")

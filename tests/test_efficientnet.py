@@ -126,3 +126,18 @@ def test_segmenters_on_lite0(name):
     assert logits.shape == (1, 9, 6, 4)
     groups = model.get_parameter_groups()
     assert groups[2] and groups[3]  # the head's weights and biases (10x / 20x lr)
+
+
+def test_a_segmenter_starts_from_an_eps_lite0_classifier_file(tmp_path):
+    classifier = build_classifier("efficientnet_lite0", 8, background=True)
+    with torch.no_grad():
+        classifier._conv_head.weight.add_(1.0)  # not the ImageNet values: the file's own must arrive
+    path = tmp_path / "classifier.pt"
+    torch.save({"state_dict": classifier.state_dict(), "meta": {"backbone": "efficientnet_lite0"}}, path)
+    segmenter = build_segmenter("deeplab_v2_efficientnet_lite0", 9)
+    load_lite0(segmenter.backbone, path)
+    assert torch.equal(segmenter.backbone._conv_head.weight, classifier._conv_head.weight)
+    # the same state_dict without the meta of an eps Lite0 classifier: its fc8 is a foreign key
+    torch.save({"state_dict": classifier.state_dict(), "meta": {"backbone": "small"}}, path)
+    with pytest.raises(EpsError, match="unexpected keys: fc8.weight"):
+        load_lite0(Lite0Backbone(output_stride=16), path)

@@ -203,6 +203,8 @@ def test_bad_masks_and_parameters_fail_with_one_line(tiny, tmp_path):
         train(tiny, tmp_path / "b", masks=tmp_path)
     with pytest.raises(EpsError, match="init_pretraining"):
         train(tiny, tmp_path / "c", init_pretraining="coco")
+    with pytest.raises(EpsError, match="'classifier' needs the classifier file"):
+        train(tiny, tmp_path / "c", init_pretraining="classifier")
     with pytest.raises(EpsError, match="not found"):
         train(tiny, tmp_path / "d", weights=str(tmp_path / "missing.pth"), init_pretraining="imagenet")
     junk = tmp_path / "junk.pth"

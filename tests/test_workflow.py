@@ -219,6 +219,25 @@ def test_pfan_needs_a_weights_file(tmp_path):
     assert "rule train_saliency" not in out and f"--method pfan --shard 1-of-2 --weights {weights}" in out
 
 
+def test_a_segmenter_can_start_from_its_variants_classifier(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["segmenter"].update({"init_pretraining": "classifier", "variants": ["eps"]})
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["-n", "-p", "--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(path)]
+    proc = _snakemake(args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    train_job = out[out.index("rule train_segmenter"):]
+    assert "results/synthetic/eps/classifier.pt" in train_job.split("output:")[0]  # an input of the job
+    assert '"weights": "results/synthetic/eps/classifier.pt"' in train_job
+    cfg["segmenter"]["weights"] = "backbone.pth"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _snakemake(args)
+    assert proc.returncode != 0 and "segmenter.weights: must be null" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", ["my world", "John's world"])
 def test_voc12_cpu_preset_on_any_voc_folder(tmp_path, folder):

@@ -181,6 +181,7 @@ class Lite0Backbone(nn.Module):
 
 
 IMAGENET_HEAD = "_fc."
+CAM_HEAD = "fc8."  # the head of an eps classifier
 
 
 def imagenet_weights_path() -> Path:
@@ -197,7 +198,11 @@ def imagenet_weights_path() -> Path:
 
 
 def read_lite0_state(path=None) -> dict:
-    """The ImageNet Lite0 state_dict from `path` (default: the installed package), weights_only."""
+    """A Lite0 state_dict from `path` (default: the installed package's ImageNet weights), weights_only.
+
+    `path` may also be an eps ``efficientnet_lite0`` classifier file (``classifier.pt``): its
+    backbone starts a segmenter (``segmenter.init: classifier``); its CAM head ``fc8`` is dropped.
+    """
     path = Path(path) if path else imagenet_weights_path()
     if not path.is_file():
         raise EpsError(f"{path}: weights file not found")
@@ -206,7 +211,10 @@ def read_lite0_state(path=None) -> dict:
     except Exception as exc:
         raise EpsError(f"{path}: not a PyTorch weights file ({type(exc).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        meta = state.get("meta")
         state = state["state_dict"]
+        if isinstance(meta, dict) and str(meta.get("backbone", "")).startswith("efficientnet_lite0"):
+            state = {k: v for k, v in state.items() if not k.startswith(CAM_HEAD)}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EpsError(f"{path}: not a state_dict of tensors")
     return state

@@ -26,6 +26,20 @@ STAGE_DIRS = {
 
 # the segmenter block as train-segmenter receives it: without the prediction sub-block
 SEG_TRAIN = with_device({k: v for k, v in SEG.items() if k not in ("predict", "variants")})
+# init_pretraining: classifier = the backbone of the variant's own trained classifier
+SEG_FROM_CLASSIFIER = SEG["init_pretraining"] == "classifier"
+if SEG_FROM_CLASSIFIER and SEG["weights"]:
+    raise ValueError("segmenter.weights: must be null with init_pretraining: classifier "
+                     "(the variant's classifier.pt is the weights file)")
+
+
+def seg_train_params(w):
+    """The segmenter block for one variant: with init_pretraining: classifier, its classifier.pt."""
+    if not SEG_FROM_CLASSIFIER:
+        return as_json(SEG_TRAIN)
+    return as_json({**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"})
+
+
 PREDICT_OUTPUTS = {"pred": f"{SEG_DIR}/pred/{{split}}/shard-{{scatteritem}}.h5"}
 if SEG_CRF:
     PREDICT_OUTPUTS["crf"] = f"{SEG_DIR}/pred_crf/{{split}}/shard-{{scatteritem}}.h5"
@@ -82,12 +96,13 @@ rule train_segmenter:
         index=f"{RESULTS}/index.csv",
         # the exported pseudo-masks (or their CRF) of the split the classifier trained on
         masks=lambda w: f"{RESULTS}/{w.variant}/{SEG['pseudo_labels']}/{config['train_split']}/png",
+        classifier=lambda w: [f"{RESULTS}/{w.variant}/classifier.pt"] if SEG_FROM_CLASSIFIER else [],
     output:
         model=f"{SEG_DIR}/model.pt",
         meta=f"{SEG_DIR}/model.json",
         train_log=f"{SEG_DIR}/train_log.csv",
     params:
-        segmenter=as_json(SEG_TRAIN),
+        segmenter=seg_train_params,
         split=config["train_split"],
         code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
     wildcard_constraints:
