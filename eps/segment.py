@@ -64,6 +64,7 @@ SEGMENT_DEFAULTS = {
     "crop": 96,
     "scale_range": [0.7, 1.3],
     "lr": 0.02,
+    "head_lr_mult": 10,  # the head's lr (weights; biases 2x that) in units of lr: DeepLab's 10
     "weight_decay": 5e-4,
     "momentum": 0.9,
     "poly_power": 0.9,

@@ -147,10 +147,12 @@ def augment(image, sal, rng, resize_long, crop):
 
 
 def make_optimizer(model, params):
-    """SGD over the four parameter groups: lr, 2x lr (biases), 10x / 20x lr (new head)."""
+    """SGD over the four parameter groups: lr, 2x lr (biases), 10x / 20x lr (new head; the
+    segmenter's `head_lr_mult` replaces the 10)."""
     groups = model.get_parameter_groups()
     lr, wd = params["lr"], params["weight_decay"]
-    spec = [(groups[0], 1, wd), (groups[1], 2, 0.0), (groups[2], 10, wd), (groups[3], 20, 0.0)]
+    head = float(params.get("head_lr_mult", 10))
+    spec = [(groups[0], 1, wd), (groups[1], 2, 0.0), (groups[2], head, wd), (groups[3], 2 * head, 0.0)]
     param_groups = [
         {"params": list(p), "lr": lr * mult, "initial_lr": lr * mult, "weight_decay": decay}
         for p, mult, decay in spec

@@ -350,3 +350,12 @@ def test_predict_shards_cover_the_split_and_refuse_other_datasets(tiny, trained,
     with pytest.raises(EpsError, match="not an eps segmenter"):
         torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
         predict(tiny["index"], tmp_path / "bad.pt", tmp_path / "x.h5", "val", "1-of-1", p)
+
+
+def test_head_lr_mult_sets_the_heads_learning_rate():
+    from eps.train import make_optimizer
+
+    model = build_segmenter("deeplab_small", NUM_CLASSES + 1)
+    for mult, expected in ((10, [1, 2, 10, 20]), (1, [1, 2, 1, 2])):
+        optimizer = make_optimizer(model, {**SEGMENT_DEFAULTS, "lr": 0.01, "head_lr_mult": mult})
+        assert [round(g["lr"] / 0.01, 6) for g in optimizer.param_groups] == expected

