@@ -182,7 +182,8 @@ def head_from_classifier(model, path) -> str:
     from eps.models.deeplab import ASPP
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    cam = state["state_dict"].get("fc8.weight") if isinstance(state.get("state_dict"), dict) else None
+    inner = state.get("state_dict") if isinstance(state, dict) else None
+    cam = inner.get("fc8.weight") if isinstance(inner, dict) else None
     head = model.head
     convs = list(head.branches) if isinstance(head, ASPP) else []
     if (cam is None or not convs or not all(isinstance(c, torch.nn.Conv2d) for c in convs)

@@ -201,7 +201,8 @@ def read_lite0_state(path=None) -> dict:
     """A Lite0 state_dict from `path` (default: the installed package's ImageNet weights), weights_only.
 
     `path` may also be an eps ``efficientnet_lite0`` classifier file (``classifier.pt``): its
-    backbone starts a segmenter (``segmenter.init: classifier``); its CAM head ``fc8`` is dropped.
+    backbone starts a segmenter (``segmenter.init_pretraining: classifier``); its CAM head ``fc8``
+    is dropped.
     """
     path = Path(path) if path else imagenet_weights_path()
     if not path.is_file():
