@@ -174,7 +174,7 @@ def saliency_weights(wildcards):
         if wildcards.method == "csnet":  # eps.saliency.csnet.config_path, without importing torch here
             stem = next((weights[: -len(s)] for s in (".pth.tar", ".pth", ".pt", ".tar") if weights.endswith(s)),
                         os.path.splitext(weights)[0])
-            return [weights, stem + ".bin"]
+            return [weights, f"{stem}.bin"]
         return [weights]
     return []
 

@@ -33,13 +33,6 @@ if SEG_FROM_CLASSIFIER and SEG["weights"]:
                      "(the variant's classifier.pt is the weights file)")
 
 
-def seg_train_params(w):
-    """The segmenter block for one variant: with init_pretraining: classifier, its classifier.pt."""
-    if not SEG_FROM_CLASSIFIER:
-        return as_json(SEG_TRAIN)
-    return as_json({**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"})
-
-
 PREDICT_OUTPUTS = {"pred": f"{SEG_DIR}/pred/{{split}}/shard-{{scatteritem}}.h5"}
 if SEG_CRF:
     PREDICT_OUTPUTS["crf"] = f"{SEG_DIR}/pred_crf/{{split}}/shard-{{scatteritem}}.h5"
@@ -102,7 +95,9 @@ rule train_segmenter:
         meta=f"{SEG_DIR}/model.json",
         train_log=f"{SEG_DIR}/train_log.csv",
     params:
-        segmenter=seg_train_params,
+        # with init_pretraining: classifier, the variant's classifier.pt is the weights file
+        segmenter=lambda w: as_json({**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"}
+                                    if SEG_FROM_CLASSIFIER else SEG_TRAIN),
         split=config["train_split"],
         code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
     wildcard_constraints:
