@@ -122,24 +122,12 @@ def cmd_export_masks(a):
 
 def cmd_evaluate_masks(a):
     from eps.data.index import read_classes
+    from eps.data.io import read_ids_file
     from eps.metrics import evaluate_masks, write_metrics
 
     if not a.gt:
         raise EpsError("evaluate-masks: --gt DIR is required")
-    ids_path = Path(a.ids)
-    if not ids_path.is_file():
-        raise EpsError(f"{ids_path}: file not found")
-    try:
-        ids = [line.strip() for line in ids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as exc:
-        raise EpsError(f"{ids_path}: not a UTF-8 text file of ids (byte {exc.start})") from None
-    if not ids:
-        raise EpsError(f"{ids_path}: lists no ids")
-    seen = set()
-    for image_id in ids:
-        if image_id in seen:
-            raise EpsError(f"{ids_path}: id {image_id!r} is listed twice")
-        seen.add(image_id)
+    ids = read_ids_file(a.ids)
     if not 1 <= a.num_classes <= 255:
         raise EpsError(f"--num-classes: expected 1..255 (mask values; 255 is void), got {a.num_classes}")
     if a.boundary_tolerance is not None and not (math.isfinite(a.boundary_tolerance) and a.boundary_tolerance >= 0):

@@ -142,6 +142,27 @@ def read_index_png(path) -> np.ndarray:
     raise fail(path, f"expected an index or grayscale mask PNG, got mode {img.mode}")
 
 
+def read_ids_file(path) -> list[str]:
+    """Image ids, one a line (blank lines and `#` comments skipped): a missing or non-UTF-8
+    file, one without ids, or an id listed twice is a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise fail(path, f"not a UTF-8 text file of ids (byte {exc.start})") from None
+    ids = [i for i in (line.split("#")[0].strip() for line in lines) if i]
+    if not ids:
+        raise fail(path, "lists no ids: no image ids, only blank lines or comments")
+    seen = set()
+    for image_id in ids:
+        if image_id in seen:
+            raise fail(path, f"id {image_id!r} is listed twice")
+        seen.add(image_id)
+    return ids
+
+
 def read_saliency(path) -> np.ndarray:
     """Read a saliency map as uint8 (H, W) in 0..255 (16-bit maps are rescaled, alpha dropped)."""
     img = _open(path)

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from eps.data.io import atomic_path, read_saliency
+from eps.data.io import atomic_path, read_ids_file, read_saliency
 from eps.errors import fail
 
 THRESHOLDS = 256
@@ -35,11 +35,19 @@ def _as_pair(pred, gt, valid=None) -> tuple[np.ndarray, np.ndarray]:
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     if valid is not None:
-        valid = np.asarray(valid, bool)
-        if valid.shape != gt.shape:
-            raise ValueError(f"valid mask {valid.shape} and ground truth {gt.shape} differ in shape")
+        valid = _valid_mask(valid, gt.shape)
         return pred[valid], gt[valid]
     return pred, gt
+
+
+def _valid_mask(valid, shape) -> np.ndarray:
+    """`valid` as a bool array of `shape` (None: every pixel)."""
+    if valid is None:
+        return np.ones(shape, bool)
+    valid = np.asarray(valid, bool)
+    if valid.shape != shape:
+        raise ValueError(f"valid mask {valid.shape} and ground truth {shape} differ in shape")
+    return valid
 
 
 def _f_measure(precision, recall, beta2: float):
@@ -167,7 +175,7 @@ def s_measure(pred, gt, alpha: float = 0.5, valid=None) -> float:
     A ground truth with no object scores 1 - mean(pred); one that is all object, mean(pred).
     """
     pred, gt = _as_pair(pred, gt)
-    valid = np.ones(gt.shape, bool) if valid is None else _as_pair(pred, np.asarray(valid, bool))[1]
+    valid = _valid_mask(valid, gt.shape)
     if not valid.any():
         return float("nan")
     share = gt[valid].mean()
@@ -226,18 +234,6 @@ def read_pair(pred_path, gt_path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return pred, gt, valid
 
 
-def read_ids(path) -> list[str]:
-    """Image ids, one a line (blank lines and `#` comments skipped); none is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise fail(path, "ids file not found")
-    ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    ids = [i for i in ids if i]
-    if not ids:
-        raise fail(path, "no image ids in this file")
-    return ids
-
-
 def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     """Score the PNG maps in `pred_dir` against the masks in `gt_dir`, paired by file stem.
 
@@ -254,11 +250,11 @@ def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3, ids=None) -> dict:
         raise fail(gt_dir, "no ground-truth PNG files in this folder")
     if ids is not None:
         by_stem = {p.stem: p for p in gt_paths}
-        wanted = read_ids(ids)
+        wanted = read_ids_file(ids)
         for image_id in wanted:
             if image_id not in by_stem:
                 raise fail(gt_dir / f"{image_id}.png", f"no ground truth for id {image_id!r} of {ids}")
-        gt_paths = [by_stem[i] for i in dict.fromkeys(wanted)]
+        gt_paths = [by_stem[i] for i in wanted]
     pred_paths = {p.stem: p for p in pred_dir.iterdir() if p.suffix.lower() == ".png"}
     for gt_path in gt_paths:
         if gt_path.stem not in pred_paths:
@@ -289,7 +285,7 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
         raise fail(gt_dir, "folder not found")
 
     skipped = []
-    wanted = None if ids is None else set(read_ids(ids))
+    wanted = None if ids is None else set(read_ids_file(ids))
     seen = set()
 
     def pairs():
