@@ -86,8 +86,18 @@ def cmd_eval_saliency(a):
 
     if (a.pred is None) == (a.shards is None):
         raise EpsError("eval-saliency: give exactly one of --pred DIR (PNGs) or --shards (HDF5 shards)")
-    result = (evaluate_dirs(a.pred, a.gt, ids=a.ids) if a.pred is not None
-              else evaluate_shards(a.shards, a.gt, ids=a.ids))
+    if (a.gt is None) == (a.index is None):
+        raise EpsError("eval-saliency: give exactly one of --gt DIR or --index (the masks it records)")
+    if a.index is not None and a.shards is None:
+        raise EpsError("eval-saliency: --index goes with --shards (maps by image id)")
+    gt = a.gt
+    if a.index is not None:
+        from eps.data.index import read_index
+
+        rows = read_index(a.index)
+        gt = {i: m for i, m in zip(rows["id"], rows["mask"]) if m}
+    result = (evaluate_dirs(a.pred, gt, ids=a.ids) if a.pred is not None
+              else evaluate_shards(a.shards, gt, ids=a.ids))
     write_json(result, a.out)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
@@ -121,20 +131,34 @@ def cmd_export_masks(a):
 
 
 def cmd_evaluate_masks(a):
-    from eps.data.index import read_classes
+    from eps.data.index import read_classes, split_ground_truth
     from eps.data.io import read_ids_file
     from eps.metrics import evaluate_masks, write_metrics
 
-    if not a.gt:
-        raise EpsError("evaluate-masks: --gt DIR is required")
-    ids = read_ids_file(a.ids)
-    if not 1 <= a.num_classes <= 255:
-        raise EpsError(f"--num-classes: expected 1..255 (mask values; 255 is void), got {a.num_classes}")
+    if a.index:  # ground truth, contexts and class count as the index records them
+        given = [flag for flag, value in (("--gt", a.gt), ("--ids", a.ids), ("--context", a.context)) if value]
+        if given:
+            raise EpsError(f"evaluate-masks: --index gives the ground truth; drop {', '.join(given)}")
+        if not a.split:
+            raise EpsError("evaluate-masks: --index needs --split (the ids to score)")
+        ids, gt, context = split_ground_truth(a.index, a.split)
+        num_classes = len(read_classes(a.index)["classes"]) + 1
+        if a.num_classes is not None and a.num_classes != num_classes:
+            raise EpsError(f"--num-classes {a.num_classes}: the index has {num_classes} classes with background")
+        classes = a.classes or a.index
+    else:
+        if not (a.gt and a.ids):
+            raise EpsError("evaluate-masks: give --index and --split, or --gt DIR and --ids FILE")
+        if a.num_classes is None:
+            raise EpsError("evaluate-masks: --num-classes is required with --gt")
+        ids, gt, context, num_classes, classes = read_ids_file(a.ids), a.gt, a.context, a.num_classes, a.classes
+    if not 1 <= num_classes <= 255:
+        raise EpsError(f"--num-classes: expected 1..255 (mask values; 255 is void), got {num_classes}")
     if a.boundary_tolerance is not None and not (math.isfinite(a.boundary_tolerance) and a.boundary_tolerance >= 0):
         raise EpsError(f"--boundary-tolerance: expected a non-negative number of pixels, got {a.boundary_tolerance}")
     class_names, context_names, pairs = None, None, []
-    if a.classes:
-        info = read_classes(a.classes)
+    if classes:
+        info = read_classes(classes)
         class_names = ["background"] + list(info["classes"])
         context_names = list(info.get("contexts", []))
         try:
@@ -149,8 +173,11 @@ def cmd_evaluate_masks(a):
             if cls not in info["classes"]:
                 raise EpsError(f"confusion_pairs: unknown class {cls!r}; known: {info['classes']}")
             pairs.append((context_names.index(ctx) + 1, info["classes"].index(cls) + 1))
+    if pairs and context is None:
+        where = f"the index gives none for every id of split {a.split!r}" if a.index else "give --context DIR"
+        raise EpsError(f"--pairs: the co-occurrence confusion needs context masks; {where}")
     result = evaluate_masks(
-        a.pred, a.gt, ids, a.num_classes, context_dir=a.context, pairs=pairs,
+        a.pred, gt, ids, num_classes, context_dir=context, pairs=pairs,
         class_names=class_names, context_names=context_names, workers=a.workers,
         boundary_tolerance=a.boundary_tolerance, boundary_dir=a.boundary_gt,
     )
@@ -386,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-saliency", help="MAE, adaptive and max F-measure, S-measure of saliency PNGs")
     p.add_argument("--pred", default=None, help="folder of predicted maps (PNG)")
     p.add_argument("--shards", nargs="+", default=None, help="saliency HDF5 shards of a workflow run (maps per image id)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth masks (PNG, non-zero = salient; "
+    p.add_argument("--gt", default=None, help="folder of ground-truth masks (PNG, non-zero = salient; "
                    "with --shards the dataset's label masks {id}.png; VOC label PNGs: void 255 ignored)")
+    p.add_argument("--index", default=None, help="with --shards, instead of --gt: index.csv of the run, "
+                   "whose mask column gives each image's label mask")
     p.add_argument("--ids", default=None, help="a file of image ids, one a line: score only those "
                    "(the masks folder may hold more)")
     p.add_argument("--out", required=True, help="JSON file")
@@ -425,9 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-masks", help="mIoU, per-class IoU/precision/recall, co-occurrence confusion")
     p.add_argument("--pred", required=True, help="folder of predicted index PNGs {id}.png (0..C-1, 255 void)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth index PNGs {id}.png")
-    p.add_argument("--ids", required=True, help="text file of the ids to score, one per line")
-    p.add_argument("--num-classes", type=int, required=True, help="including background (21 for VOC)")
+    p.add_argument("--index", default=None, help="index.csv of the run: ground truth, contexts and classes of "
+                   "the --split as it records them (instead of --gt, --ids, --context, --num-classes)")
+    p.add_argument("--split", default=None, help="with --index: the split to score")
+    p.add_argument("--gt", default=None, help="folder of ground-truth index PNGs {id}.png (without --index)")
+    p.add_argument("--ids", default=None, help="text file of the ids to score, one per line (with --gt)")
+    p.add_argument("--num-classes", type=int, default=None, help="including background (21 for VOC); "
+                   "with --index taken from it")
     p.add_argument("--out", required=True, help="folder of metrics.json and per_class.csv")
     p.add_argument("--context", default=None, help="folder of context index PNGs (co-occurrence confusion)")
     p.add_argument("--classes", default=None, help="index.csv or classes.json naming classes and contexts")

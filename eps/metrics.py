@@ -139,6 +139,13 @@ def _resolve_pairs(pairs, class_names: list[str], context_names) -> list[tuple[i
     return resolved
 
 
+def mask_file(source, image_id: str) -> Path:
+    """`{id}.png` of a folder, or the path a mapping gives for the id (an index's mask column)."""
+    if isinstance(source, dict):
+        return Path(source[image_id])
+    return Path(source) / f"{image_id}.png"
+
+
 def _read_same_size(path: Path, shape, what: str) -> np.ndarray:
     """Read an index PNG that must match the ground-truth size."""
     mask = read_index_png(path)
@@ -166,7 +173,7 @@ def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
     hist = np.zeros((n, n), np.int64)
     fp = np.zeros(len(pairs), np.int64)
     for image_id in ids:
-        gt = read_index_png(Path(gt_dir) / f"{image_id}.png")
+        gt = read_index_png(mask_file(gt_dir, image_id))
         pred_path = Path(pred_dir) / f"{image_id}.png"
         pred = _read_same_size(pred_path, gt.shape, "prediction")
         _check_labels(pred_path, pred, n)
@@ -181,6 +188,11 @@ def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
 
 def _chunks(ids: list[str], count: int) -> list[list[str]]:
     return [list(chunk) for chunk in np.array_split(np.asarray(ids, dtype=object), count) if len(chunk)]
+
+
+def _part(source, ids):
+    """A folder as it is; of a dict {id: path}, the entries of `ids` (what one Pool task needs)."""
+    return {i: source[i] for i in ids} if isinstance(source, dict) else source
 
 
 def _nan_to_none(x: float):
@@ -203,7 +215,10 @@ def evaluate_masks(
     boundary_tolerance=None,
     boundary_dir=None,
 ) -> dict:
-    """Evaluate `{id}.png` predictions against `{id}.png` ground truth over `ids`.
+    """Evaluate `{id}.png` predictions against ground truth over `ids`.
+
+    `gt_dir` (and `context_dir`) is a folder of `{id}.png`, or a dict {id: path} (the
+    index's mask and context columns: `eps.data.index.split_ground_truth`).
 
     One confusion histogram is accumulated over all images (the dataset-level mIoU of
     the official code, not a mean of per-image scores). `pairs` are (context, class)
@@ -230,7 +245,8 @@ def evaluate_masks(
 
     hist = np.zeros((n, n), np.int64)
     fp = np.zeros(len(resolved), np.int64)
-    jobs = [(pred_dir, gt_dir, chunk, n, context_dir, resolved) for chunk in _chunks(ids, workers * 4)]
+    jobs = [(pred_dir, _part(gt_dir, chunk), chunk, n, _part(context_dir, chunk), resolved)
+            for chunk in _chunks(ids, workers * 4)]
     if workers == 1 or len(jobs) <= 1:
         for h, f in map(_accumulate, jobs):
             hist += h
@@ -312,9 +328,15 @@ def read_context(context_dir, image_id: str, shape) -> np.ndarray:
     in its labels.txt; pass those names as the dataset's `contexts`). The mask must have
     the ground truth's size `shape`.
     """
-    folder = Path(context_dir)
-    png, mat = folder / f"{image_id}.png", folder / f"{image_id}.mat"
-    if png.is_file():
+    if isinstance(context_dir, dict):  # the index's context column: the file itself
+        given = Path(context_dir[image_id])
+        png, mat = (given, None) if given.suffix.lower() != ".mat" else (None, given)
+        if not given.is_file():
+            raise fail(given, "context mask not found")
+    else:
+        folder = Path(context_dir)
+        png, mat = folder / f"{image_id}.png", folder / f"{image_id}.mat"
+    if png is not None and png.is_file():
         from PIL import Image
 
         try:
@@ -326,7 +348,7 @@ def read_context(context_dir, image_id: str, shape) -> np.ndarray:
         if ctx is None:
             ctx = read_index_png(png)
         path = png
-    elif mat.is_file():
+    elif mat is not None and mat.is_file():
         ctx = _load_mat_field(mat, ("LabelMap",), "a PASCAL-Context label file")
         path = mat
     else:
@@ -536,7 +558,7 @@ def _boundary_job(job) -> np.ndarray:
     pred_dir, gt_dir, ids, n, tolerance, boundary_dir = job
     counts = np.zeros(4, np.int64)
     for image_id in ids:
-        gt = read_index_png(Path(gt_dir) / f"{image_id}.png")
+        gt = read_index_png(mask_file(gt_dir, image_id))
         pred = _read_same_size(Path(pred_dir) / f"{image_id}.png", gt.shape, "prediction")
         edges = read_gt_boundaries(boundary_dir, image_id, gt.shape) if boundary_dir else None
         counts += boundary_counts(pred, gt, n, tolerance, edges)
@@ -548,13 +570,13 @@ def evaluate_boundaries(pred_dir, gt_dir, ids, num_classes: int, *, tolerance: f
     """Boundary precision / recall / F1 of `{id}.png` predictions over `ids` (one pass, `workers` processes).
 
     Ground-truth boundaries: `boundary_dir` (SBD `.mat` or boundary PNGs) when given, else
-    the edges of the ground-truth masks in `gt_dir`.
+    the edges of the ground-truth masks (`gt_dir`: a folder or a dict {id: path}).
     """
     if tolerance < 0:
         raise EpsError(f"boundary_tolerance: must be >= 0, got {tolerance}")
     ids = [str(i) for i in ids]
     workers = max(1, int(workers))
-    jobs = [(pred_dir, gt_dir, chunk, int(num_classes), float(tolerance), boundary_dir)
+    jobs = [(pred_dir, _part(gt_dir, chunk), chunk, int(num_classes), float(tolerance), boundary_dir)
             for chunk in _chunks(ids, workers * 4)]
     counts = np.zeros(4, np.int64)
     if workers == 1 or len(jobs) <= 1:

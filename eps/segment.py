@@ -383,10 +383,10 @@ def multiscale_probs(model, images: torch.Tensor, scales, flip: bool, amp: bool 
 
 
 def _crf_job(job):
-    from eps.crf import dense_crf
+    from eps.crf import refine_probs
 
     image, probs, crf_params = job
-    return np.argmax(dense_crf(image, probs, crf_params), axis=0).astype(np.uint8)
+    return refine_probs(image, probs, crf_params)
 
 
 def server_dir(root) -> Path:
@@ -403,7 +403,7 @@ def predict(index_csv, model_path, out, split: str, scatteritem: str, params: di
     ``server_layout/results/VOC2012/Segmentation/comp6_test_cls/{id}.png``. Prints the shard's
     mIoU where the index has ground truth.
     """
-    from eps.crf import kernel_params, parallel_map
+    from eps.crf import check_scale, kernel_params, parallel_map
     from eps.metrics import confusion, miou
 
     set_threads()
@@ -411,6 +411,7 @@ def predict(index_csv, model_path, out, split: str, scatteritem: str, params: di
         raise EpsError("predict: --crf and --crf-out go together")
     if crf_params is not None:
         kernel_params(crf_params)
+        check_scale(crf_params)
     index = read_index(index_csv)
     info = read_classes(index_csv)
     rows = shard_rows(split_rows(index, split), *parse_scatteritem(scatteritem))

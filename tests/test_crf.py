@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eps.crf import (CRF_DEFAULTS, PRESETS, boundary_f1, cam_scores, dense_crf, kernel_params,
-                     refine_cam_shard, refine_cams)
+                     refine_cam_shard, refine_cams, refine_probs)
 from eps.errors import EpsError
 from eps.infer import mask_from_maps, write_cams
 
@@ -90,6 +90,34 @@ def test_crf_at_half_size_still_sharpens_and_gives_a_full_size_mask():
     assert half.shape == full.shape == gt.shape
     assert (half == full).mean() > 0.97
     assert boundary_f1(half, gt) > boundary_f1(before, gt) + 0.1
+
+
+def five_class_softmax(h=96, w=112):
+    """A segmenter's softmax over five classes of which only 0, 2 and 3 win a pixel (1 and 4 stay low)."""
+    image, gt, probs = scene(h, w)
+    low = np.full((1, h, w), 0.02, np.float32)
+    five = np.concatenate([probs[:1], low, probs[1:], low])
+    return image, np.array([0, 2, 3])[gt], five / five.sum(0, keepdims=True)
+
+
+def test_a_prediction_is_refined_over_the_classes_it_predicts():
+    image, gt, probs = five_class_softmax()
+    kept = refine_probs(image, probs, {"preset": "deeplab"})
+    by_hand = np.array([0, 2, 3])[dense_crf(image, probs[[0, 2, 3]], {"preset": "deeplab"}).argmax(0)]
+    np.testing.assert_array_equal(kept, by_hand)
+    assert kept.dtype == np.uint8 and set(np.unique(kept)) <= {0, 2, 3}
+    every_class = dense_crf(image, probs, {"preset": "deeplab"}).argmax(0)
+    assert (kept == every_class).mean() > 0.99
+    assert (kept == gt).mean() > (probs.argmax(0) == gt).mean()
+
+
+def test_a_prediction_refined_at_half_size_is_full_size_and_close():
+    image, gt, probs = five_class_softmax()
+    full = refine_probs(image, probs, {"preset": "deeplab"})
+    half = refine_probs(image, probs, {"preset": "deeplab", "scale": 0.5})
+    assert half.shape == gt.shape and (half == full).mean() > 0.97
+    with pytest.raises(EpsError, match="crf.scale"):
+        refine_probs(image, probs, {"preset": "deeplab", "scale": 2})
 
 
 def test_boundary_f1():

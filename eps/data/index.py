@@ -215,6 +215,23 @@ def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
     return df[member].reset_index(drop=True)
 
 
+def split_ground_truth(index_csv, split: str) -> tuple[list[str], dict, dict | None]:
+    """The ids of `split` and their ground truth, as the index records them.
+
+    Returns (ids, masks {id: path}, contexts {id: path} or None when the split has no context
+    masks). Evaluation reads masks from here, so it needs no knowledge of dataset layouts.
+    """
+    rows = split_rows(read_index(index_csv), split)
+    missing = [i for i, m in zip(rows["id"], rows["mask"]) if not m]
+    if missing:
+        raise fail(Path(index_csv), f"{len(missing)} id(s) of split {split!r} have no ground-truth mask, "
+                                    f"e.g. {missing[0]!r}: nothing to evaluate against")
+    ids = list(rows["id"])
+    masks = dict(zip(ids, rows["mask"]))
+    contexts = dict(zip(ids, rows["context"])) if all(rows["context"]) else None
+    return ids, masks, contexts
+
+
 def shard_rows(rows, index: int, count: int):
     """The `index`-th (1-based) of `count` contiguous near-equal chunks, numpy.array_split order.
 

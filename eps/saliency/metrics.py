@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from eps.data.io import atomic_path, read_ids_file, read_saliency
-from eps.errors import fail
+from eps.errors import EpsError, fail
 
 THRESHOLDS = 256
 VOID = 255  # the VOC label of unannotated object borders
@@ -271,7 +271,8 @@ def write_json(result: dict, out) -> Path:
 
 
 def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
-    """Score the maps of saliency HDF5 shards against the dataset's masks `{gt_dir}/{id}.png`.
+    """Score the maps of saliency HDF5 shards against the dataset's masks `{gt_dir}/{id}.png`
+    (or, with `gt_dir` a dict {id: path}, the masks an index records).
 
     Every class label counts as salient, background as not; the void band around objects
     (255) is ignored (it is not annotated either way). Images without a mask (a test split)
@@ -280,8 +281,9 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     """
     from eps.data.io import open_h5, read_index_png
 
-    gt_dir = Path(gt_dir)
-    if not gt_dir.is_dir():
+    by_id = gt_dir if isinstance(gt_dir, dict) else None
+    gt_dir = None if by_id is not None else Path(gt_dir)
+    if by_id is None and not gt_dir.is_dir():
         raise fail(gt_dir, "folder not found")
 
     skipped = []
@@ -295,7 +297,7 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
                     if wanted is not None and image_id not in wanted:
                         continue
                     seen.add(image_id)
-                    gt_path = gt_dir / f"{image_id}.png"
+                    gt_path = Path(by_id.get(image_id) or "") if by_id is not None else gt_dir / f"{image_id}.png"
                     if not gt_path.is_file():
                         skipped.append(image_id)
                         continue
@@ -312,6 +314,8 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
 
     result = evaluate_maps(pairs(), beta2)
     if not result["images"]:
+        if by_id is not None:
+            raise EpsError("the index records no mask for any image of the saliency shards")
         raise fail(gt_dir, "no mask for any image of the saliency shards")
     result["skipped"] = len(skipped)
     return result

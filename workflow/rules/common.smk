@@ -48,7 +48,9 @@ validate_config()
 DATASET = config["dataset"]
 DS = DATASET["name"]
 RESULTS = f"results/{DS}"
-SPLITS = list(DATASET.get("splits", {"train": "train.txt", "val": "val.txt"}))
+# the index writes ids/{split}.txt of these: a folder dataset has its one `split`
+SPLITS = ([DATASET.get("split", "train")] if DATASET["type"] == "folder"
+          else list(DATASET.get("splits") or {"train": "train.txt", "val": "val.txt"}))
 EVAL_SPLITS = config["evaluation"]["splits"]
 VARIANTS = list(config["variants"])
 SAL_METHOD = config["saliency"]["method"]
@@ -126,21 +128,9 @@ def dataset_root():
     return DATASET["root"]
 
 
-def gt_dir():
-    """Ground-truth index masks of the dataset."""
-    if DATASET["type"] == "synthetic":
-        return f"{dataset_root()}/SegmentationClass"
-    return str(Path(dataset_root()) / DATASET.get("mask_dir", "SegmentationClassAug"))
-
-
-def context_dir():
-    """Context masks (co-occurrence confusion), or None."""
-    if DATASET["type"] == "synthetic":
-        return f"{dataset_root()}/ContextClass"
-    ctx = DATASET.get("context_dir")
-    if not ctx:
-        return None
-    return str(Path(dataset_root()) / ctx)
+def has_contexts():
+    """Whether the index records context masks (the synthetic world's, or dataset.context_dir)."""
+    return DATASET["type"] == "synthetic" or bool(DATASET.get("context_dir"))
 
 
 def saliency_shards():
@@ -179,13 +169,11 @@ def saliency_weights(wildcards):
     return []
 
 
-def context_args():
-    """evaluate-masks options for the co-occurrence confusion, when the dataset has context masks."""
-    ctx = context_dir()
-    if not ctx:
+def pairs_args():
+    """evaluate-masks --pairs for the co-occurrence confusion, when the index has context masks."""
+    if not has_contexts():
         return ""
-    pairs = as_json(config["evaluation"]["confusion_pairs"])
-    return f"--context {shlex.quote(ctx)} --pairs {shlex.quote(pairs)}"
+    return f"--pairs {shlex.quote(as_json(config['evaluation']['confusion_pairs']))}"
 
 
 def index_inputs(wildcards):

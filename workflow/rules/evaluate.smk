@@ -17,31 +17,29 @@ BOUNDARY_ARGS = f"--boundary-tolerance {config['evaluation']['boundary_tolerance
 rule evaluate_saliency:
     input:
         shards=saliency_shards(),
+        index=f"{RESULTS}/index.csv",
     output:
         f"{RESULTS}/saliency/{SAL_METHOD}/metrics.json",
     params:
-        gt=gt_dir(),
         code=code_hash(*COMMON_CODE, "eps/saliency/metrics.py"),
     log:
         f"{RESULTS}/logs/saliency/evaluate_{SAL_METHOD}.log",
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps eval-saliency --shards {input.shards} --gt {params.gt:q} --out {output} > {log} 2>&1"
+        "eps eval-saliency --shards {input.shards} --index {input.index} --out {output} > {log} 2>&1"
 
 
 rule evaluate_masks:
     input:
         pred=lambda w: f"{RESULTS}/{w.variant}/{STAGE_DIRS[w.stage]}/{w.split}/png",
-        ids=f"{RESULTS}/ids/{{split}}.txt",
+        index=f"{RESULTS}/index.csv",  # each id's mask and context, the class count beside it
         classes=f"{RESULTS}/classes.json",
     output:
         metrics=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/metrics.json",
         per_class=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/per_class.csv",
     params:
-        gt=gt_dir(),
-        num_classes=lambda w, input: len(json.load(open(input.classes))["classes"]) + 1,
-        context=context_args(),
+        pairs=pairs_args(),
         boundary=BOUNDARY_ARGS,
         out=subpath(output.metrics, parent=True),
         code=code_hash(*COMMON_CODE, "eps/metrics.py"),
@@ -57,8 +55,8 @@ rule evaluate_masks:
     conda:
         "../../envs/eps.yaml"
     shell:
-        "eps evaluate-masks --pred {input.pred} --gt {params.gt:q} --ids {input.ids} "
-        "--num-classes {params.num_classes} --classes {input.classes} {params.context} {params.boundary} "
+        "eps evaluate-masks --pred {input.pred} --index {input.index} --split {wildcards.split} "
+        "{params.pairs} {params.boundary} "
         "--workers {threads} --out {params.out} > {log} 2>&1"
 
 
