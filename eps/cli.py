@@ -16,6 +16,20 @@ from pathlib import Path
 
 from eps.errors import EpsError
 
+CORES_HELP = "the cores this job has: EPS_THREADS, as Snakemake sets it, else the machine's"
+
+
+def _workers(value) -> int:
+    """--workers: as given, or the cores this job has (eps.config.usable_cores)."""
+    from eps.config import usable_cores
+
+    if value is None:
+        return usable_cores()
+    if value < 1:
+        raise EpsError(f"--workers: expected a positive number of processes, got {value}")
+    return value
+
+
 SALIENCY_METHODS = ("classical", "usps", "pfan", "dss", "csnet", "precomputed")  # eps.saliency.METHODS, without importing it
 
 
@@ -178,7 +192,7 @@ def cmd_evaluate_masks(a):
         raise EpsError(f"--pairs: the co-occurrence confusion needs context masks; {where}")
     result = evaluate_masks(
         a.pred, gt, ids, num_classes, context_dir=context, pairs=pairs,
-        class_names=class_names, context_names=context_names, workers=a.workers,
+        class_names=class_names, context_names=context_names, workers=_workers(a.workers),
         boundary_tolerance=a.boundary_tolerance, boundary_dir=a.boundary_gt,
     )
     write_metrics(result, a.out)
@@ -221,7 +235,8 @@ def cmd_crf(a):
     from eps.config import load_params
     from eps.crf import CRF_DEFAULTS, refine_cam_shard
 
-    refine_cam_shard(a.cams, a.index, a.out, a.dataset, load_params(a.params, CRF_DEFAULTS, "crf"), workers=a.workers)
+    refine_cam_shard(a.cams, a.index, a.out, a.dataset, load_params(a.params, CRF_DEFAULTS, "crf"),
+                     workers=_workers(a.workers))
 
 
 def cmd_train_segmenter(a):
@@ -238,7 +253,7 @@ def cmd_predict(a):
 
     crf = load_params(a.crf, CRF_DEFAULTS, "crf") if a.crf else None
     predict(a.index, a.model, a.out, a.split, a.shard, load_params(a.params, PREDICT_DEFAULTS, "predict"),
-            crf_params=crf, crf_out=a.crf_out, server_layout=a.server_layout, workers=a.workers)
+            crf_params=crf, crf_out=a.crf_out, server_layout=a.server_layout, workers=_workers(a.workers))
 
 
 def add_segmentation_commands(sub) -> None:
@@ -246,7 +261,7 @@ def add_segmentation_commands(sub) -> None:
     p.add_argument("--cams", required=True, help="a CAM shard (infer-cams)")
     p.add_argument("--index", required=True, help="index.csv (image paths)")
     p.add_argument("--dataset", required=True, help="dataset name the shards belong to")
-    p.add_argument("--workers", type=int, default=1, help="images refined in parallel")
+    p.add_argument("--workers", type=int, default=None, help="images refined in parallel (default: " + CORES_HELP + ")")
     p.add_argument("--out", required=True, help="mask shard (format eps.masks)")
     _params(p)
     p.set_defaults(func=cmd_crf)
@@ -269,7 +284,7 @@ def add_segmentation_commands(sub) -> None:
     p.add_argument("--crf-out", default=None, help="mask shard of the CRF-refined predictions (with --crf)")
     p.add_argument("--server-layout", default=None, metavar="DIR",
                    help="also write index PNGs to DIR/results/VOC2012/Segmentation/comp6_test_cls/")
-    p.add_argument("--workers", type=int, default=1, help="CRF processes")
+    p.add_argument("--workers", type=int, default=None, help="CRF processes (default: " + CORES_HELP + ")")
     _params(p)
     p.set_defaults(func=cmd_predict)
 
@@ -465,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default=None, help="folder of context index PNGs (co-occurrence confusion)")
     p.add_argument("--classes", default=None, help="index.csv or classes.json naming classes and contexts")
     p.add_argument("--pairs", default=None, help='JSON list of [context, class] names, e.g. [["rail", "train"]]')
-    p.add_argument("--workers", type=int, default=1, help="processes reading the PNGs")
+    p.add_argument("--workers", type=int, default=None, help="processes reading the PNGs (default: " + CORES_HELP + ")")
     p.add_argument("--boundary-tolerance", type=float, default=None, metavar="PX",
                    help="also boundary precision / recall / F1 of the class-agnostic edges, matched within PX pixels")
     p.add_argument("--boundary-gt", default=None, metavar="DIR",

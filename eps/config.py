@@ -137,6 +137,17 @@ def choose_device(name: str = "auto"):
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """The cores this job has: EPS_THREADS (Snakemake's `threads`), else the ones the process may run on."""
+    threads = os.environ.get("EPS_THREADS")
+    if threads:
+        return max(1, int(threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def set_threads() -> None:
     """Use the CPU count the scheduler granted (Snakemake passes it as EPS_THREADS)."""
     import torch

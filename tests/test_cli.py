@@ -232,3 +232,28 @@ def test_status_reads_where_each_stage_is(tmp_path, capsys):
     assert out[2].split()[:2] == ["train_classifier/eps", "running"] and "60/600" in out[2]
     assert out[3] == "1 done, 1 failed, 1 running"
     assert main(["status", str(tmp_path / "nothing")]) == 2
+
+
+# ---------------------------------------------------------------------------- parallel defaults
+
+
+def test_workers_default_to_the_cores_the_job_has(capsys, masks, monkeypatch):
+    """evaluate-masks, crf and predict use every core they are given unless told otherwise:
+    EPS_THREADS (Snakemake's threads), else the cores the process may run on."""
+    import os
+
+    import eps.metrics
+    from eps.config import usable_cores
+
+    seen = []
+    real = eps.metrics.evaluate_masks
+    monkeypatch.setattr(eps.metrics, "evaluate_masks", lambda *a, **k: seen.append(k["workers"]) or real(*a, **k))
+    monkeypatch.delenv("EPS_THREADS", raising=False)
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    assert run(capsys, *evaluate_args(masks))[0] == 0
+    monkeypatch.setenv("EPS_THREADS", "3")
+    assert usable_cores() == 3
+    assert run(capsys, *evaluate_args(masks))[0] == 0
+    assert run(capsys, *evaluate_args(masks), "--workers", "1")[0] == 0
+    assert seen == [len(os.sched_getaffinity(0)), 3, 1]
+    assert_user_error(capsys, evaluate_args(masks) + ["--workers", "0"], "--workers", "positive")

@@ -67,6 +67,29 @@ def test_dry_run_builds_the_dag(configfile, tmp_path):
     assert "train_classifier" in out and "evaluate_masks" in out
 
 
+def test_evaluation_and_crf_jobs_get_the_cores_of_the_run_unless_the_config_says(tmp_path):
+    def job_threads(cfg):
+        path = tmp_path / "threads.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = _snakemake(["-n", "--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                           "--configfile", str(path)])
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        jobs = {}
+        for block in out.split("\nrule ")[1:]:
+            name = block.split(":", 1)[0]
+            match = re.search(r"threads: (\d+)", block)
+            jobs.setdefault(name, set()).add(int(match.group(1)) if match else 1)
+        return jobs
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    jobs = job_threads(cfg)
+    assert jobs["evaluate_masks"] == {2} and jobs["crf"] == {2} and jobs["infer_cams"] == {1}
+    cfg["threads"].update({"evaluate": 1, "crf": 1})
+    jobs = job_threads(cfg)
+    assert jobs["evaluate_masks"] == {1} and jobs["crf"] == {1}
+
+
 def test_bad_config_is_rejected(tmp_path):
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["shards"] = "two"

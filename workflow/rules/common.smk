@@ -98,6 +98,13 @@ def code_hash(*paths):
 COMMON_CODE = ["eps/cli.py", "eps/config.py", "eps/errors.py", "eps/data/io.py", "eps/data/index.py"]
 
 
+def stage_threads(stage):
+    """threads.{stage}, or where it is null the cores of the run (evaluation and CRF jobs are
+    process pools that use every core they get; Snakemake never gives a job more than --cores)."""
+    value = config["threads"].get(stage)
+    return value if value else max(1, min(workflow.cores or 1, os.cpu_count() or 1))
+
+
 def as_json(block):
     return json.dumps(block, sort_keys=True)
 

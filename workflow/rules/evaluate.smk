@@ -47,7 +47,7 @@ rule evaluate_masks:
         variant="[^/]+",
         stage="|".join(STAGE_DIRS),
         split="[^/]+",
-    threads: config["threads"]["evaluate"]
+    threads: stage_threads("evaluate")
     log:
         f"{RESULTS}/logs/evaluate_masks/{{variant}}/{{stage}}/{{split}}.log",
     benchmark:

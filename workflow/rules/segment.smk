@@ -51,7 +51,7 @@ rule crf:
     wildcard_constraints:
         variant="[^/]+",
         split="[^/]+",
-    threads: config["threads"]["crf"]
+    threads: stage_threads("crf")
     log:
         f"{RESULTS}/logs/crf/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
     benchmark:
