@@ -303,7 +303,8 @@ def test_voc12_cpu_preset_on_any_voc_folder(tmp_path, folder):
     results = tmp_path / "results" / "myvoc"
     summary = pd.read_csv(results / "summary.csv")
     assert [tuple(r) for r in summary[["variant", "stage"]].values] == [
-        ("cam", "pseudo_masks"), ("eps", "pseudo_masks"), ("cam", "crf"), ("eps", "crf"), ("eps", "segmenter")]
+        ("cam", "pseudo_masks"), ("eps", "pseudo_masks"), ("cam", "crf"), ("eps", "crf"), ("eps", "segmenter"),
+        ("eps", "segmenter_crf")]
     assert summary["boundary_f1"].notna().all()
     meta = json.loads((results / "eps" / "classifier.json").read_text())
     assert meta["backbone"] == "efficientnet_lite0" and meta["init"].startswith("imagenet")

@@ -82,17 +82,14 @@ scattergather:
     shard=config["shards"],
 
 
-def code_hash(*paths):
-    """Hash of the eps sources a stage runs, so editing them reruns the stage."""
-    digest = hashlib.sha256()
-    root = Path(workflow.basedir)
-    for rel in paths:
-        target = root / rel
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for f in files:
-            digest.update(str(f.relative_to(root)).encode())
-            digest.update(f.read_bytes())
-    return digest.hexdigest()[:16]
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+import stage_code  # noqa: E402  (workflow/stage_code.py: the import graph of eps)
+
+
+def code_hash(*entries):
+    """Hash of the eps sources a stage runs (the entries and every eps module they import),
+    so editing any of them reruns the stage."""
+    return stage_code.code_hash(workflow.basedir, *entries, shallow=["eps/cli.py"])
 
 
 COMMON_CODE = ["eps/cli.py", "eps/config.py", "eps/errors.py", "eps/data/io.py", "eps/data/index.py"]
@@ -144,15 +141,8 @@ def saliency_shards():
     return scatter.shard(f"{RESULTS}/saliency/{SAL_METHOD}/shard-{{scatteritem}}.h5")
 
 
-# The modules each saliency method runs (usps fuses the classical priors into its labels).
-SALIENCY_CODE = {
-    "classical": ["eps/saliency/classical.py"],
-    "usps": ["eps/saliency/usps.py", "eps/saliency/classical.py"],
-    "pfan": ["eps/saliency/pfan.py", "eps/saliency/supervised.py"],
-    "dss": ["eps/saliency/dss.py", "eps/saliency/pfan.py", "eps/saliency/supervised.py"],
-    "csnet": ["eps/saliency/csnet.py"],
-    "precomputed": ["eps/saliency/precomputed.py"],
-}
+# Each saliency method's module: eps.saliency imports it by name, which stage_code cannot see
+SALIENCY_CODE = {m: [f"eps/saliency/{m}.py"] for m in ("classical", "usps", "pfan", "dss", "csnet", "precomputed")}
 
 
 def saliency_code(method):

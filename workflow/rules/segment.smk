@@ -47,7 +47,7 @@ rule crf:
     params:
         crf=as_json(CRF),
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/crf.py", "eps/infer.py"),  # reads CAM shards (eps.infer.read_cams)
+        code=code_hash(*COMMON_CODE, "eps/crf.py"),
     wildcard_constraints:
         variant="[^/]+",
         split="[^/]+",

@@ -1,0 +1,56 @@
+"""The modules whose edit reruns a stage come from the imports (workflow/stage_code.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("stage_code", ROOT / "workflow" / "stage_code.py")
+stage_code = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stage_code)
+
+
+def closure(*entries) -> set[str]:
+    return {p.relative_to(ROOT).as_posix() for p in stage_code.code_closure(ROOT, *entries)}
+
+
+def test_a_stage_hashes_what_its_modules_import():
+    usps = closure("eps/saliency/usps.py")
+    assert {"eps/crf.py", "eps/saliency/classical.py", "eps/saliency/__init__.py", "eps/__init__.py"} <= usps
+    evaluation = closure("eps/metrics.py")
+    assert "eps/data/io.py" in evaluation and "eps/errors.py" in evaluation
+    assert not {"eps/train.py", "eps/segment.py", "eps/crf.py"} & evaluation
+    assert closure("eps/models") >= {"eps/models/efficientnet.py", "eps/models/deeplab.py"}
+    # the dispatcher imports every stage; as the workflow hashes it (shallow), it brings none
+    assert "eps/train.py" in closure("eps/cli.py")
+    dispatcher = {p.relative_to(ROOT).as_posix()
+                  for p in stage_code.code_closure(ROOT, "eps/cli.py", "eps/metrics.py", shallow=["eps/cli.py"])}
+    assert "eps/cli.py" in dispatcher and "eps/train.py" not in dispatcher
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_an_edit_reruns_exactly_the_stages_that_import_it(tmp_path):
+    write(tmp_path / "eps/__init__.py", "")
+    write(tmp_path / "eps/stage.py", "def run():\n    from eps.helper import f\n    return f()\n")
+    write(tmp_path / "eps/helper.py", "from eps.sub import deep\n\ndef f():\n    return deep.g()\n")
+    write(tmp_path / "eps/sub/__init__.py", "")
+    write(tmp_path / "eps/sub/deep.py", "def g():\n    return 1\n")
+    write(tmp_path / "eps/other.py", "import numpy\n")
+    before = stage_code.code_hash(tmp_path, "eps/stage.py")
+    assert [p.relative_to(tmp_path).as_posix() for p in stage_code.code_closure(tmp_path, "eps/stage.py")] == [
+        "eps/__init__.py", "eps/helper.py", "eps/stage.py", "eps/sub/__init__.py", "eps/sub/deep.py"]
+    write(tmp_path / "eps/other.py", "import numpy  # edited\n")
+    stage_code.imported_modules.cache_clear()
+    assert stage_code.code_hash(tmp_path, "eps/stage.py") == before
+    write(tmp_path / "eps/sub/deep.py", "def g():\n    return 2\n")  # two imports away, inside a function
+    stage_code.imported_modules.cache_clear()
+    assert stage_code.code_hash(tmp_path, "eps/stage.py") != before
+    with pytest.raises(FileNotFoundError, match="eps/missing.py"):
+        stage_code.code_closure(tmp_path, "eps/missing.py")
