@@ -82,7 +82,7 @@ def cmd_saliency(a):
 
 def cmd_train_saliency(a):
     from eps.config import load_params
-    from eps.saliency import train
+    from eps.saliency.training import train
 
     if (a.index is None) == (a.images is None):
         raise EpsError("train-saliency: give exactly one of --index (with --split) or --images DIR")
@@ -249,7 +249,7 @@ def cmd_train_segmenter(a):
 def cmd_predict(a):
     from eps.config import load_params
     from eps.crf import CRF_DEFAULTS
-    from eps.segment import PREDICT_DEFAULTS, predict
+    from eps.predict import PREDICT_DEFAULTS, predict
 
     crf = load_params(a.crf, CRF_DEFAULTS, "crf") if a.crf else None
     predict(a.index, a.model, a.out, a.split, a.shard, load_params(a.params, PREDICT_DEFAULTS, "predict"),
@@ -303,7 +303,7 @@ def cmd_report_figures(a):
 
     predict = None
     if a.predict_params:
-        from eps.segment import PREDICT_DEFAULTS
+        from eps.predict import PREDICT_DEFAULTS
 
         predict = load_params(a.predict_params, PREDICT_DEFAULTS, "predict")
     written = make_figures(

@@ -21,8 +21,9 @@ import eps.segment as seg_mod
 from eps.errors import EpsError
 from eps.models import build_segmenter
 from eps.models.deeplab import SEGMENTERS, sha256_file
-from eps.segment import (IGNORE, SEGMENT_DEFAULTS, augment_pair, load_segmenter, multiscale_probs, predict,
-                         segmentation_loss, server_dir, train_segmenter)
+from eps.predict import predict, server_dir
+from eps.segment import (IGNORE, SEGMENT_DEFAULTS, augment_pair, load_segmenter, multiscale_probs,
+                         segmentation_loss, train_segmenter)
 
 NUM_CLASSES = 5
 

@@ -3,7 +3,8 @@
 Each rule gets the hash of the modules its command runs as a parameter, so an edit to any of
 them reruns the stage. The list is derived, not written by hand: from the rule's entry modules,
 every `eps` module they import (at module level or inside a function) is followed, and a
-package's `__init__.py` counts with each of its modules (Python runs it first). Imports by a
+package's `__init__.py` counts with each of its modules (Python runs it first; of a package
+only imported that way, the imports inside its functions are not followed). Imports by a
 computed name (`importlib.import_module`) are not seen: name those modules as entries.
 Standard library only: the workflow imports this before anything is installed.
 """
@@ -16,11 +17,23 @@ import hashlib
 from pathlib import Path
 
 
+def _module_level(tree: ast.Module):
+    """The nodes that run when the module is imported: all but the bodies of functions."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
 @functools.lru_cache(maxsize=None)
-def imported_modules(source: Path, package: str = "eps") -> frozenset[str]:
-    """Dotted names of the `package` modules `source` imports, anywhere in the file (read once)."""
+def imported_modules(source: Path, package: str = "eps", anywhere: bool = True) -> frozenset[str]:
+    """Dotted names of the `package` modules `source` imports: anywhere in the file, or
+    (`anywhere=False`) only where importing the file runs them (not inside functions)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+    tree = ast.parse(source.read_text(), str(source))
+    for node in (ast.walk(tree) if anywhere else _module_level(tree)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -52,19 +65,25 @@ def code_closure(root, *entries, shallow=()) -> list[Path]:
         if not target.exists():
             raise FileNotFoundError(f"{target}: a stage's code entry does not exist")
         todo += sorted(target.rglob("*.py")) if target.is_dir() else [target]
-    seen: set[Path] = set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
+    # (file, whether its functions run too): a module a stage imports by name is called, a
+    # package above it is only imported (Python runs its module level, not its functions)
+    todo_full = [(path, True) for path in todo]
+    seen: dict[Path, bool] = {}
+    while todo_full:
+        path, full = todo_full.pop()
+        if seen.get(path) is True or seen.get(path) == full:
             continue
-        seen.add(path)
-        names = set() if path in shallow else set(imported_modules(path))
-        parts = path.relative_to(root).with_suffix("").parts
-        names.update(".".join(parts[:k]) for k in range(1, len(parts)))  # the packages above it
+        seen[path] = full
+        names = set() if path in shallow else set(imported_modules(path, anywhere=full))
         for name in names:
             found = module_file(root, name)
-            if found is not None and found not in seen:
-                todo.append(found)
+            if found is not None:
+                todo_full.append((found, True))
+        parts = path.relative_to(root).with_suffix("").parts
+        for k in range(1, len(parts)):
+            found = module_file(root, ".".join(parts[:k]))
+            if found is not None and found != path:
+                todo_full.append((found, False))
     return sorted(seen)
 
 

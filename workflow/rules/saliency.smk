@@ -11,7 +11,7 @@ rule train_saliency:
         train=as_json(config["saliency"]["train"]),
         split=config["train_split"],
         device=config["device"],
-        code=saliency_code("usps"),
+        code=code_hash(*COMMON_CODE, "eps/saliency/training.py", "eps/saliency/usps.py"),
     threads: config["threads"]["train"]
     resources:
         gpu=1,

@@ -126,7 +126,7 @@ rule predict:
         predict=as_json(with_device(SEG_PRED)),
         # --crf (the crf block's kernel) and --crf-out when predictions are CRF-refined
         crf=lambda w, output: f"--crf {shlex.quote(as_json(CRF))} --crf-out {shlex.quote(str(output.crf))}" if SEG_CRF else "",
-        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/crf.py", "eps/train.py", "eps/models"),
+        code=code_hash(*COMMON_CODE, "eps/predict.py", "eps/models"),
     wildcard_constraints:
         variant="[^/]+",
         split="[^/]+",
