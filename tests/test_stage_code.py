@@ -54,3 +54,20 @@ def test_an_edit_reruns_exactly_the_stages_that_import_it(tmp_path):
     assert stage_code.code_hash(tmp_path, "eps/stage.py") != before
     with pytest.raises(FileNotFoundError, match="eps/missing.py"):
         stage_code.code_closure(tmp_path, "eps/missing.py")
+
+
+def test_no_module_of_eps_imports_itself_back():
+    """No import circles (anywhere in a file, functions included): the dataset readers and the
+    index share eps.data.rows, the saliency networks and their training eps.saliency.network_file."""
+    files = sorted((ROOT / "eps").rglob("*.py"))
+    graph = {f: {m for n in stage_code.imported_modules(f) if (m := stage_code.module_file(ROOT, n)) and m != f}
+             for f in files}
+    for start in files:
+        reached, todo = set(), list(graph[start])
+        while todo:
+            f = todo.pop()
+            if f not in reached:
+                reached.add(f)
+                todo.extend(graph[f])
+        assert start not in reached, f"{start.relative_to(ROOT)} imports itself back"
+    assert ROOT / "eps/data/voc.py" in graph[ROOT / "eps/data/index.py"]  # the graph is read, not empty

@@ -19,7 +19,7 @@ import contextlib
 import io
 from pathlib import Path
 
-from eps.data.index import check_keys, make_row, resolve
+from eps.data.rows import check_keys, make_row, resolve
 from eps.data.voc import mask_labels, png_for, read_list
 from eps.errors import EpsError, fail
 

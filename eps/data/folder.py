@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from eps.data.index import id_problem, make_row, resolve
+from eps.data.rows import id_problem, make_row, resolve
 from eps.data.voc import png_for
 from eps.errors import fail
 

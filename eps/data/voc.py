@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eps.data.index import id_problem, make_row, resolve
+from eps.data.rows import id_problem, make_row, resolve
 from eps.data.io import read_index_png
 from eps.errors import EpsError, fail
 

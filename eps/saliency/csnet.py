@@ -348,7 +348,7 @@ def parse_config(raw, path) -> dict:
     """The authors' layer configuration (a list: one [in, out] per backbone block, three head
     entries, then the stage lengths) as {"stages", "blocks", "head"}; a one-line error
     naming `path` when it is not one."""
-    bad = f"not a CSNet layer configuration"
+    bad = "not a CSNet layer configuration"
     if not isinstance(raw, list) or len(raw) < 5 or not isinstance(raw[-1], (list, tuple)):
         raise fail(path, f"{bad} (expected a list ending with the stage lengths)")
     stages = raw[-1]

@@ -224,7 +224,7 @@ def port_state(path, state: dict, model: DSS) -> dict:
 def load_weights(model: DSS, path) -> DSS:
     """Load a DSS-pytorch state_dict (.pth; plain or under 'state_dict', 'module.' prefix
     allowed) or an eps .pt (``eps train-saliency``) into `model`."""
-    from eps.saliency.supervised import check_fit, read_model_file
+    from eps.saliency.network_file import check_fit, read_model_file
 
     state, ours = read_model_file(path, "dss")
     model.load_state_dict(check_fit(path, state, model, "DSS") if ours else port_state(path, state, model))

@@ -383,7 +383,7 @@ def load_weights(model: PFAN, path) -> PFAN:
     if is_hdf5(path):
         state = keras_state(path, model)
     else:
-        from eps.saliency.supervised import check_fit, read_model_file
+        from eps.saliency.network_file import check_fit, read_model_file
 
         state, ours = read_model_file(path, "pfan")
         if not ours:
