@@ -4,6 +4,10 @@
 #      snakemake --report results/synthetic/report.html   (after a run: tables, figures, provenance)
 # Every rule calls one `eps` subcommand; see docs/architecture.md.
 
+from snakemake.utils import min_version
+
+min_version("9.0")  # the schema, scattergather and executor-plugin interfaces the rules use
+
 # config.yaml is the default run; a --configfile (a preset) replaces it rather than merging
 # into it, so a preset never inherits the default run's variants.
 if not workflow.overwrite_configfiles:
@@ -28,6 +32,18 @@ include: "workflow/rules/masks.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+
+
+# seconds-long bookkeeping jobs: run on the submitting machine, not as cluster jobs
+localrules:
+    all,
+    index,
+    summary,
+    report_tables,
+    export_masks,
+    export_crf,
+    export_predictions,
+    server_layout,
 
 
 rule all:
