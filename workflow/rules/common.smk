@@ -16,6 +16,9 @@ def validate_config():
     variant by setting it to null (`variants: {naive: null}`)."""
     import jsonschema
 
+    if "bg_threshold" in (config.get("crf") or {}):
+        raise WorkflowError("config: crf.bg_threshold: no longer a key; the CRF's background threshold is "
+                            "pseudo_masks.bg_threshold (one key for both)")
     if isinstance(config.get("variants"), dict):
         config["variants"] = {k: v for k, v in config["variants"].items() if v is not None}
     try:

@@ -1,7 +1,8 @@
 # Refinement and segmentation: dense CRF of pseudo-masks, DeepLab trained on pseudo-masks,
 # multi-scale + flip prediction (optionally CRF-refined), PNG export. See docs/segmentation.md.
 
-CRF = config["crf"]
+# the crf block with the pseudo-mask threshold, the one key for the background of both
+CRF = {**config["crf"], "bg_threshold": config["pseudo_masks"]["bg_threshold"]}
 CRF_ENABLED = bool(CRF["enabled"])
 SEG = config["segmenter"]
 SEG_ENABLED = bool(SEG["enabled"])
