@@ -32,7 +32,7 @@ TARGETS = {"classical": (0.25, 0.60, 5.0), "usps": (0.15, 0.75, None)}
 
 def pick(image_dir: Path, gt_dir: Path, split: str, limit: int) -> list[tuple[str, Path, Path]]:
     """(id, image, mask) of the split's images, in id order; a missing mask is an error."""
-    from eps.errors import fail
+    from eps.errors import file_error
 
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if split != "all":
@@ -42,7 +42,7 @@ def pick(image_dir: Path, gt_dir: Path, split: str, limit: int) -> list[tuple[st
         images = images[:limit]
     for path in images:
         if not (gt_dir / f"{path.stem}.png").is_file():
-            raise fail(gt_dir / f"{path.stem}.png", f"no ground truth for image {path.name}")
+            raise file_error(gt_dir / f"{path.stem}.png", f"no ground truth for image {path.name}")
     return [(p.stem, p, gt_dir / f"{p.stem}.png") for p in images]
 
 

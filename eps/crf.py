@@ -215,29 +215,3 @@ def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, wor
                                        desc=f"crf {out.name}", mininterval=2):
                 dst.create_dataset(image_id, data=mask, compression="gzip", compression_opts=1)
     return out
-
-
-# ---------------------------------------------------------------------------- boundary F1
-
-def boundaries(mask: np.ndarray) -> np.ndarray:
-    """Pixels whose right or lower neighbour has another label (bool, same shape)."""
-    mask = np.asarray(mask)
-    edge = np.zeros(mask.shape, bool)
-    edge[:, :-1] |= mask[:, 1:] != mask[:, :-1]
-    edge[:-1, :] |= mask[1:, :] != mask[:-1, :]
-    return edge
-
-
-def boundary_f1(pred: np.ndarray, gt: np.ndarray, tolerance: int = 1) -> float:
-    """F1 of predicted vs true boundary pixels, a match within `tolerance` px (Chebyshev)."""
-    import cv2
-
-    pb, gb = boundaries(pred), boundaries(gt)
-    if not pb.any() and not gb.any():
-        return 1.0
-    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
-    g_near = cv2.dilate(gb.astype(np.uint8), kernel) > 0
-    p_near = cv2.dilate(pb.astype(np.uint8), kernel) > 0
-    precision = (pb & g_near).sum() / max(pb.sum(), 1)
-    recall = (gb & p_near).sum() / max(gb.sum(), 1)
-    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))

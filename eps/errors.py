@@ -8,6 +8,6 @@ class EpsError(Exception):
     """
 
 
-def fail(path, problem: str) -> "EpsError":
-    """Build the standard one-line error: '<path>: <problem>'."""
+def file_error(path, problem: str) -> "EpsError":
+    """The standard one-line error about a file, "<path>: <problem>", for the caller to raise."""
     return EpsError(f"{path}: {problem}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from eps.data.io import atomic_path, read_index_png
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 
 def confusion(gt, pred, num_classes: int) -> np.ndarray:
@@ -150,7 +150,7 @@ def _read_same_size(path: Path, shape, what: str) -> np.ndarray:
     """Read an index PNG that must match the ground-truth size."""
     mask = read_index_png(path)
     if mask.shape != shape:
-        raise fail(
+        raise file_error(
             path,
             f"{what} size {mask.shape[1]}x{mask.shape[0]} differs from the ground truth "
             f"{shape[1]}x{shape[0]} (WxH)",
@@ -164,7 +164,7 @@ def _check_labels(path: Path, pred: np.ndarray, n: int) -> None:
     if pred.size and int(pred.max()) >= n:
         bad = np.unique(pred[(pred >= n) & (pred != 255)])
         if len(bad):
-            raise fail(path, f"prediction value {int(bad[0])} is not a class (0..{n - 1}) or void (255)")
+            raise file_error(path, f"prediction value {int(bad[0])} is not a class (0..{n - 1}) or void (255)")
 
 
 def _accumulate(job) -> tuple[np.ndarray, np.ndarray]:
@@ -332,7 +332,7 @@ def read_context(context_dir, image_id: str, shape) -> np.ndarray:
         given = Path(context_dir[image_id])
         png, mat = (given, None) if given.suffix.lower() != ".mat" else (None, given)
         if not given.is_file():
-            raise fail(given, "context mask not found")
+            raise file_error(given, "context mask not found")
     else:
         folder = Path(context_dir)
         png, mat = folder / f"{image_id}.png", folder / f"{image_id}.mat"
@@ -344,7 +344,7 @@ def read_context(context_dir, image_id: str, shape) -> np.ndarray:
                 wide = img.mode in ("I", "I;16", "I;16B", "I;16L")
                 ctx = np.asarray(img, dtype=np.int32) if wide else None
         except Exception as exc:  # PIL raises many types for corrupt files
-            raise fail(png, f"cannot decode context mask ({type(exc).__name__}: {exc})") from None
+            raise file_error(png, f"cannot decode context mask ({type(exc).__name__}: {exc})") from None
         if ctx is None:
             ctx = read_index_png(png)
         path = png
@@ -352,10 +352,10 @@ def read_context(context_dir, image_id: str, shape) -> np.ndarray:
         ctx = _load_mat_field(mat, ("LabelMap",), "a PASCAL-Context label file")
         path = mat
     else:
-        raise fail(png, "file not found (nor a PASCAL-Context .mat beside it)")
+        raise file_error(png, "file not found (nor a PASCAL-Context .mat beside it)")
     if ctx.ndim != 2 or ctx.shape != tuple(shape):
         got = "x".join(str(s) for s in ctx.shape[::-1])
-        raise fail(path, f"context size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
+        raise file_error(path, f"context size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
     return ctx
 
 
@@ -366,12 +366,12 @@ def _load_mat_field(path: Path, fields, what: str):
     try:
         data = scipy.io.loadmat(str(path))
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError, ...
-        raise fail(path, f"not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
+        raise file_error(path, f"not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
     for name in fields:
         if name in data:
             return np.asarray(data[name])
     names = sorted(k for k in data if not k.startswith("__"))
-    raise fail(path, f"not {what} (no {' or '.join(fields)} variable; has {names})")
+    raise file_error(path, f"not {what} (no {' or '.join(fields)} variable; has {names})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,10 +526,10 @@ def read_gt_boundaries(boundary_dir, image_id: str, shape) -> np.ndarray:
         edges = read_index_png(png) != 0
         path = png
     else:
-        raise fail(mat, "file not found (SBD cls/{id}.mat or a boundary PNG {id}.png)")
+        raise file_error(mat, "file not found (SBD cls/{id}.mat or a boundary PNG {id}.png)")
     if edges.shape != tuple(shape):
         got = "x".join(str(s) for s in edges.shape[::-1])
-        raise fail(path, f"boundary size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
+        raise file_error(path, f"boundary size {got} differs from the ground truth {shape[1]}x{shape[0]} (WxH)")
     return edges
 
 
@@ -549,8 +549,8 @@ def _sbd_boundaries(path: Path) -> np.ndarray:
         if "Segmentation" in names:
             return mask_edges(np.asarray(record["Segmentation"]))
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
-        raise fail(path, f"unexpected SBD struct layout ({type(exc).__name__}: {exc})") from None
-    raise fail(path, "SBD struct has neither Boundaries nor Segmentation")
+        raise file_error(path, f"unexpected SBD struct layout ({type(exc).__name__}: {exc})") from None
+    raise file_error(path, "SBD struct has neither Boundaries nor Segmentation")
 
 
 def _boundary_job(job) -> np.ndarray:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from eps.data.io import VOC_PALETTE, atomic_path, read_image, read_index_png
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 REPORT_DEFAULTS = {
     "sample": 6,  # images in the qualitative grids
@@ -58,11 +58,11 @@ def read_summary(path) -> list[dict]:
     """summary.csv as a list of dicts (numbers as float, empty cells as None)."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "file not found (run the summary stage first)")
+        raise file_error(path, "file not found (run the summary stage first)")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"variant", "stage", "miou"} <= set(reader.fieldnames):
-            raise fail(path, "not an eps summary.csv (needs columns variant, stage, miou)")
+            raise file_error(path, "not an eps summary.csv (needs columns variant, stage, miou)")
         rows = []
         for raw in reader:
             row = {}
@@ -75,7 +75,7 @@ def read_summary(path) -> list[dict]:
                     try:
                         row[key] = float(value)
                     except ValueError:
-                        raise fail(path, f"column {key}: not a number: {value!r}") from None
+                        raise file_error(path, f"column {key}: not a number: {value!r}") from None
             rows.append(row)
     return rows
 
@@ -206,11 +206,11 @@ def _read_metrics(path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise fail(path, "file not found") from None
+        raise file_error(path, "file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(path, f"not a readable metrics JSON ({exc})") from None
+        raise file_error(path, f"not a readable metrics JSON ({exc})") from None
     if not isinstance(data, dict) or "per_class" not in data:
-        raise fail(path, "not an eps metrics file (no 'per_class')")
+        raise file_error(path, "not an eps metrics file (no 'per_class')")
     return data
 
 
@@ -242,11 +242,11 @@ def per_class_bars(metrics_json, out_png, title: str = "") -> Path:
 def _read_log(path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "iteration" not in reader.fieldnames:
-            raise fail(path, "not a train_log.csv (no 'iteration' column)")
+            raise file_error(path, "not a train_log.csv (no 'iteration' column)")
         cols: dict[str, list] = {k: [] for k in reader.fieldnames}
         for raw in reader:
             for k, v in raw.items():

@@ -15,24 +15,24 @@ import math
 from pathlib import Path
 
 from eps.data.io import atomic_path
-from eps.errors import fail
+from eps.errors import file_error
 
 
 def _read_metrics(path: Path) -> dict:
     if not path.is_file():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(path, f"not a readable metrics JSON ({exc})") from None
+        raise file_error(path, f"not a readable metrics JSON ({exc})") from None
     if not isinstance(data, dict) or "miou" not in data:
-        raise fail(path, "not an eps metrics file (no 'miou')")
+        raise file_error(path, "not an eps metrics file (no 'miou')")
     numbers = [("miou", data["miou"])]
     if isinstance(data.get("boundary"), dict):
         numbers += [(f"boundary.{k}", data["boundary"].get(k)) for k in ("precision", "recall", "f1")]
     for key, value in numbers:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise fail(path, f"{key} is {value!r}, not a number (0..1) or null")
+            raise file_error(path, f"{key} is {value!r}, not a number (0..1) or null")
     return data
 
 

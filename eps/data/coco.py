@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eps.data.rows import check_keys, make_row, resolve
 from eps.data.voc import mask_labels, png_for, read_list
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 # Names of the 80 COCO categories in increasing category-id order (index = 0-based class).
 COCO_CLASSES = [
@@ -46,7 +46,7 @@ def load_instances(path: Path) -> tuple[list[str], dict[str, tuple[str, list[int
     from pycocotools.coco import COCO
 
     if not path.is_file():
-        raise fail(path, "annotation file not found")
+        raise file_error(path, "annotation file not found")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO(str(path))
@@ -61,9 +61,9 @@ def load_instances(path: Path) -> tuple[list[str], dict[str, tuple[str, list[int
     except EpsError:
         raise
     except Exception as exc:
-        raise fail(path, f"not a COCO instances file ({type(exc).__name__}: {exc})") from None
+        raise file_error(path, f"not a COCO instances file ({type(exc).__name__}: {exc})") from None
     if not cat_ids:
-        raise fail(path, "no categories")
+        raise file_error(path, "no categories")
     return names, images
 
 
@@ -79,7 +79,7 @@ def read_coco(root, splits: dict, *, saliency_dir=None, drop_unlabeled=True,
         raise EpsError("splits: expected a mapping split name -> {images, annotations, masks, list}")
     saliency = resolve(root, saliency_dir)
     if saliency is not None and not saliency.is_dir():
-        raise fail(saliency, "saliency folder not found")
+        raise file_error(saliency, "saliency folder not found")
     names: list[str] | None = None
     rows: dict[str, dict] = {}
     for split, spec in splits.items():
@@ -87,10 +87,10 @@ def read_coco(root, splits: dict, *, saliency_dir=None, drop_unlabeled=True,
         check_keys(spec, SPLIT_KEYS, f"splits.{split}")
         images = resolve(root, spec.get("images", f"{split}2014"))
         if not images.is_dir():
-            raise fail(images, "image folder not found")
+            raise file_error(images, "image folder not found")
         masks = resolve(root, spec.get("masks"))
         if masks is not None and not masks.is_dir():
-            raise fail(masks, "mask folder not found")
+            raise file_error(masks, "mask folder not found")
         ann_path = resolve(root, spec.get("annotations"))
         if ann_path is None and masks is None:
             ann_path = root / "annotations" / f"instances_{images.name}.json"
@@ -99,7 +99,7 @@ def read_coco(root, splits: dict, *, saliency_dir=None, drop_unlabeled=True,
         if ann_path is not None:
             got, table = load_instances(ann_path)
             if names is not None and got != names:
-                raise fail(ann_path, "categories differ from those of the previous split")
+                raise file_error(ann_path, "categories differ from those of the previous split")
             names = got
         num_classes = len(names) if names else len(classes or COCO_CLASSES)
 
@@ -119,17 +119,17 @@ def read_coco(root, splits: dict, *, saliency_dir=None, drop_unlabeled=True,
             mask = png_for(masks, id_)
             if table is not None:
                 if id_ not in table:
-                    raise fail(source, f"id {id_!r} is not in {ann_path}")
+                    raise file_error(source, f"id {id_!r} is not in {ann_path}")
                 file_name, labels = table[id_]
                 image = images / file_name
             else:
                 if not mask:
-                    raise fail(source, f"id {id_!r}: no labels (no mask {masks / (id_ + '.png')})")
+                    raise file_error(source, f"id {id_!r}: no labels (no mask {masks / (id_ + '.png')})")
                 labels = mask_labels(mask, num_classes)
                 image = next((images / f"{id_}{e}" for e in (".jpg", ".png")
                               if (images / f"{id_}{e}").is_file()), images / f"{id_}.jpg")
             if not image.is_file():
-                raise fail(source, f"id {id_!r}: image {image} not found")
+                raise file_error(source, f"id {id_!r}: image {image} not found")
             if not labels and drop_unlabeled and list_path is None:
                 continue
             rows[id_] = make_row(id_, image, mask, png_for(saliency, id_), "", labels, [split])

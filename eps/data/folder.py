@@ -14,7 +14,7 @@ import pandas as pd
 
 from eps.data.rows import id_problem, make_row, resolve
 from eps.data.voc import png_for
-from eps.errors import fail
+from eps.errors import file_error
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -35,25 +35,25 @@ def read_folder(root, labels_csv, *, image_dir="images", mask_dir=None, saliency
     root = Path(root)
     csv_path = resolve(root, labels_csv)
     if not csv_path.is_file():
-        raise fail(csv_path, "label CSV not found")
+        raise file_error(csv_path, "label CSV not found")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True,
                          skip_blank_lines=False)  # keeps row i on line i + 2
     except Exception as exc:
-        raise fail(csv_path, f"cannot read CSV ({type(exc).__name__}: {exc})") from None
+        raise file_error(csv_path, f"cannot read CSV ({type(exc).__name__}: {exc})") from None
     df.columns = [c.strip() for c in df.columns]
     key = "id" if "id" in df.columns else "image" if "image" in df.columns else None
     if key is None or "labels" not in df.columns:
-        raise fail(csv_path, f"expected columns 'id' or 'image', and 'labels'; found {list(df.columns)}")
+        raise file_error(csv_path, f"expected columns 'id' or 'image', and 'labels'; found {list(df.columns)}")
 
     images = resolve(root, image_dir)
     if not images.is_dir():
-        raise fail(images, "image folder not found")
+        raise file_error(images, "image folder not found")
     folders = {}
     for name, value in (("mask", mask_dir), ("saliency", saliency_dir)):
         folders[name] = resolve(root, value)
         if folders[name] is not None and not folders[name].is_dir():
-            raise fail(folders[name], f"{name} folder not found")
+            raise file_error(folders[name], f"{name} folder not found")
 
     names_per_row = [_names(f) for f in df["labels"]]
     if classes is None:
@@ -75,19 +75,19 @@ def read_folder(root, labels_csv, *, image_dir="images", mask_dir=None, saliency
             image = images / entry if (images / entry).is_file() else None
         problem = id_problem(id_) or (".." in Path(entry).parts and f"image {entry!r} contains '..'")
         if problem:
-            raise fail(csv_path, f"line {line}: {problem}")
+            raise file_error(csv_path, f"line {line}: {problem}")
         if id_ in seen:
-            raise fail(csv_path, f"line {line}: duplicate id {id_!r}")
+            raise file_error(csv_path, f"line {line}: duplicate id {id_!r}")
         seen.add(id_)
         if image is None:
-            raise fail(csv_path, f"line {line}: no image for {entry!r} in {images}")
+            raise file_error(csv_path, f"line {line}: no image for {entry!r} in {images}")
         unknown = [n for n in names if n not in index_of]
         if unknown:
-            raise fail(csv_path, f"line {line}: unknown class {unknown[0]!r} (known: {', '.join(classes)})")
+            raise file_error(csv_path, f"line {line}: unknown class {unknown[0]!r} (known: {', '.join(classes)})")
         splits = df["splits"].iloc[i].split() if "splits" in df.columns else []
         rows.append(make_row(id_, image, png_for(folders["mask"], id_),
                              png_for(folders["saliency"], id_), "",
                              [index_of[n] for n in names], splits or [split]))
     if not rows:
-        raise fail(csv_path, "no images listed")
+        raise file_error(csv_path, "no images listed")
     return rows, classes

@@ -36,7 +36,7 @@ import pandas as pd
 from eps.data import coco, folder, voc
 from eps.data.io import atomic_path
 from eps.data.rows import check_keys, id_problem, make_row, resolve  # noqa: F401  (re-exported)
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 COLUMNS = ["id", "image", "mask", "saliency", "context", "labels", "splits"]
 
@@ -68,7 +68,7 @@ def write_index(rows: Sequence[dict], classes: Sequence[str], out_csv, *, datase
     out_csv = Path(out_csv)
     classes = [str(c) for c in classes]
     if not rows:
-        raise fail(out_csv, "no images to index")
+        raise file_error(out_csv, "no images to index")
     seen: set[str] = set()
     split_ids: dict[str, list[str]] = {}
     records = []
@@ -76,14 +76,14 @@ def write_index(rows: Sequence[dict], classes: Sequence[str], out_csv, *, datase
         id_ = str(row["id"])
         problem = id_problem(id_)
         if problem:
-            raise fail(out_csv, problem)
+            raise file_error(out_csv, problem)
         if id_ in seen:
-            raise fail(out_csv, f"duplicate id {id_!r}")
+            raise file_error(out_csv, f"duplicate id {id_!r}")
         seen.add(id_)
         labels = sorted({int(c) for c in _as_list(row.get("labels", ()))})
         bad = [c for c in labels if not 0 <= c < len(classes)]
         if bad:
-            raise fail(out_csv, f"id {id_!r}: label {bad[0]} outside 0..{len(classes) - 1}")
+            raise file_error(out_csv, f"id {id_!r}: label {bad[0]} outside 0..{len(classes) - 1}")
         splits = _as_list(row.get("splits", ()))
         for s in splits:
             split_ids.setdefault(s, []).append(id_)
@@ -94,7 +94,7 @@ def write_index(rows: Sequence[dict], classes: Sequence[str], out_csv, *, datase
         })
     for s in split_ids:
         if id_problem(s) or not s.strip() or s != s.split()[0]:
-            raise fail(out_csv, f"bad split name {s!r}")
+            raise file_error(out_csv, f"bad split name {s!r}")
 
     out_csv.unlink(missing_ok=True)  # a failure below must not leave an old index looking current
     ids_dir = out_csv.parent / "ids"
@@ -118,25 +118,25 @@ def read_index(path) -> pd.DataFrame:
     """Read index.csv; `labels` becomes list[int] and `splits` list[str] per row."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "index not found (run the index stage first)")
+        raise file_error(path, "index not found (run the index stage first)")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise fail(path, f"cannot read index CSV ({type(exc).__name__}: {exc})") from None
+        raise file_error(path, f"cannot read index CSV ({type(exc).__name__}: {exc})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise fail(path, f"missing columns {missing}")
+        raise file_error(path, f"missing columns {missing}")
     # ids become file and HDF5 names downstream: a hand-edited index is checked like a built one
     seen: set[str] = set()
     for line, id_ in enumerate(df["id"], 2):
         problem = id_problem(id_) or (f"duplicate id {id_!r}" if id_ in seen else None)
         if problem:
-            raise fail(path, f"line {line}: {problem}")
+            raise file_error(path, f"line {line}: {problem}")
         seen.add(id_)
     try:
         df["labels"] = [[int(c) for c in s.split()] for s in df["labels"]]
     except ValueError:
-        raise fail(path, "column 'labels' holds a non-integer value") from None
+        raise file_error(path, "column 'labels' holds a non-integer value") from None
     df["splits"] = [s.split() for s in df["splits"]]
     return df
 
@@ -147,11 +147,11 @@ def read_classes(index_csv) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise fail(path, "file not found (run the index stage first)") from None
+        raise file_error(path, "file not found (run the index stage first)") from None
     except (OSError, ValueError) as exc:
-        raise fail(path, f"cannot read JSON ({exc})") from None
+        raise file_error(path, f"cannot read JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
-        raise fail(path, "expected an object with a 'classes' list")
+        raise file_error(path, "expected an object with a 'classes' list")
     meta.setdefault("contexts", [])
     meta.setdefault("dataset", "")
     return meta
@@ -188,7 +188,7 @@ def split_ground_truth(index_csv, split: str) -> tuple[list[str], dict, dict | N
     rows = split_rows(read_index(index_csv), split)
     missing = [i for i, m in zip(rows["id"], rows["mask"]) if not m]
     if missing:
-        raise fail(Path(index_csv), f"{len(missing)} id(s) of split {split!r} have no ground-truth mask, "
+        raise file_error(Path(index_csv), f"{len(missing)} id(s) of split {split!r} have no ground-truth mask, "
                                     f"e.g. {missing[0]!r}: nothing to evaluate against")
     ids = list(rows["id"])
     masks = dict(zip(ids, rows["mask"]))
@@ -230,7 +230,7 @@ def build_index(dataset_config: dict, out_csv, *, where: str = "dataset") -> pd.
         raise EpsError(f"{where}.root: required")
     root = Path(cfg.pop("root")).expanduser()
     if not root.is_dir():
-        raise fail(root, f"dataset root not found ({where}.root)")
+        raise file_error(root, f"dataset root not found ({where}.root)")
     cfg.pop("type")
     name = cfg.pop("name", None) or Path(out_csv).resolve().parent.name
     contexts: list[str] = []
@@ -246,13 +246,13 @@ def build_index(dataset_config: dict, out_csv, *, where: str = "dataset") -> pd.
             meta = json.loads(meta_path.read_text())
             classes, contexts = list(meta["classes"]), list(meta.get("contexts", []))
         except FileNotFoundError:
-            raise fail(meta_path, "file not found (is this a synthetic world?)") from None
+            raise file_error(meta_path, "file not found (is this a synthetic world?)") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise fail(meta_path, f"expected JSON with 'classes' and 'contexts' ({exc})") from None
+            raise file_error(meta_path, f"expected JSON with 'classes' and 'contexts' ({exc})") from None
         splits = cfg.get("splits") or {
             p.stem: p.name for p in sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))}
         if not splits:
-            raise fail(root / "ImageSets" / "Segmentation", "no split lists (*.txt)")
+            raise file_error(root / "ImageSets" / "Segmentation", "no split lists (*.txt)")
         rows, classes = voc.read_voc(
             root, splits, mask_dir="SegmentationClass", saliency_dir="SALImages",
             context_dir="ContextClass", labels_file="cls_labels.npy", classes=classes)

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 from PIL import Image, ImageFile
 
-from eps.errors import fail
+from eps.errors import file_error
 
 FORMAT_VERSION = 1
 
@@ -89,9 +89,9 @@ def _open(path) -> Image.Image:
     """
     path = Path(path)
     if not path.exists():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     if not path.is_file():
-        raise fail(path, "not a file")
+        raise file_error(path, "not a file")
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     if saved:  # touch the global only when someone switched it on
         ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -102,7 +102,7 @@ def _open(path) -> Image.Image:
         img = Image.open(path)
         img.load()
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise fail(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise file_error(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
     finally:
         if saved:
             ImageFile.LOAD_TRUNCATED_IMAGES = saved
@@ -137,9 +137,9 @@ def read_index_png(path) -> np.ndarray:
     if img.mode in ("I", "I;16"):
         arr = np.asarray(img)
         if arr.max(initial=0) > 255:
-            raise fail(path, f"index mask has values above 255 (mode {img.mode})")
+            raise file_error(path, f"index mask has values above 255 (mode {img.mode})")
         return arr.astype(np.uint8)
-    raise fail(path, f"expected an index or grayscale mask PNG, got mode {img.mode}")
+    raise file_error(path, f"expected an index or grayscale mask PNG, got mode {img.mode}")
 
 
 def read_ids_file(path) -> list[str]:
@@ -147,18 +147,18 @@ def read_ids_file(path) -> list[str]:
     file, one without ids, or an id listed twice is a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise fail(path, f"not a UTF-8 text file of ids (byte {exc.start})") from None
+        raise file_error(path, f"not a UTF-8 text file of ids (byte {exc.start})") from None
     ids = [i for i in (line.split("#")[0].strip() for line in lines) if i]
     if not ids:
-        raise fail(path, "lists no ids: no image ids, only blank lines or comments")
+        raise file_error(path, "lists no ids: no image ids, only blank lines or comments")
     seen = set()
     for image_id in ids:
         if image_id in seen:
-            raise fail(path, f"id {image_id!r} is listed twice")
+            raise file_error(path, f"id {image_id!r} is listed twice")
         seen.add(image_id)
     return ids
 
@@ -198,21 +198,21 @@ def open_h5(path, fmt: str, dataset: str | None = None) -> h5py.File:
     """Open a shard for reading, checking its format, version and (optionally) dataset."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise fail(path, f"not a readable HDF5 file ({exc})") from None
+        raise file_error(path, f"not a readable HDF5 file ({exc})") from None
     got_fmt, got_ver, got_ds = (_plain(f.attrs.get(k)) for k in ("format", "version", "dataset"))
     if got_fmt != fmt:
         f.close()
-        raise fail(path, f"expected an HDF5 shard of format {fmt!r}, found {got_fmt!r}")
+        raise file_error(path, f"expected an HDF5 shard of format {fmt!r}, found {got_fmt!r}")
     if got_ver != FORMAT_VERSION:
         f.close()
-        raise fail(path, f"shard format version {got_ver!r} is not supported (expected {FORMAT_VERSION})")
+        raise file_error(path, f"shard format version {got_ver!r} is not supported (expected {FORMAT_VERSION})")
     if dataset is not None and got_ds != dataset:
         f.close()
-        raise fail(path, f"shard belongs to dataset {got_ds!r}, not {dataset!r}")
+        raise file_error(path, f"shard belongs to dataset {got_ds!r}, not {dataset!r}")
     return f
 
 
@@ -233,18 +233,18 @@ def check_replaceable(out_dir, writer: str, own_names=None) -> None:
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
-        raise fail(out_dir, "exists and is not a folder eps wrote; remove it or choose another output")
+        raise file_error(out_dir, "exists and is not a folder eps wrote; remove it or choose another output")
     entries = sorted(p.name for p in out_dir.iterdir())
     if not entries:
         return
     marker = out_dir / OWNER_FILE
     owner = marker.read_text(errors="replace").strip() if marker.is_file() else None
     if owner != writer:
-        raise fail(out_dir, f"exists and was not written by eps {writer} (no {OWNER_FILE} of its own); "
+        raise file_error(out_dir, f"exists and was not written by eps {writer} (no {OWNER_FILE} of its own); "
                             "remove it or choose another output")
     foreign = [n for n in entries if n != OWNER_FILE and not (own_names and own_names(n))]
     if foreign:
-        raise fail(out_dir, f"holds {foreign[0]!r}, which eps {writer} did not write; "
+        raise file_error(out_dir, f"holds {foreign[0]!r}, which eps {writer} did not write; "
                             "remove it or choose another output")
 
 

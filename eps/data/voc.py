@@ -15,7 +15,7 @@ import numpy as np
 
 from eps.data.rows import id_problem, make_row, resolve
 from eps.data.io import read_index_png
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -31,7 +31,7 @@ def mask_labels(path, num_classes: int) -> list[int]:
     values = np.unique(read_index_png(path))
     bad = values[(values > num_classes) & (values != 255)]
     if bad.size:
-        raise fail(path, f"mask value {int(bad[0])} is neither 0..{num_classes} nor 255")
+        raise file_error(path, f"mask value {int(bad[0])} is neither 0..{num_classes} nor 255")
     return [int(v) - 1 for v in values if 1 <= v <= num_classes]
 
 
@@ -40,9 +40,9 @@ def read_list(path: Path, image_dir: str = "JPEGImages") -> list[str]:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise fail(path, "split list not found") from None
+        raise file_error(path, "split list not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise fail(path, f"cannot read split list ({exc})") from None
+        raise file_error(path, f"cannot read split list ({exc})") from None
     deeplab = re.compile(rf"/?{re.escape(image_dir)}/([^/]+)\.\w+")
     ids, seen = [], set()
     for n, line in enumerate(lines, 1):
@@ -53,13 +53,13 @@ def read_list(path: Path, image_dir: str = "JPEGImages") -> list[str]:
         id_ = m.group(1) if m else token
         problem = id_problem(id_)
         if problem:
-            raise fail(path, f"line {n}: {problem}")
+            raise file_error(path, f"line {n}: {problem}")
         if id_ in seen:
-            raise fail(path, f"line {n}: duplicate id {id_!r}")
+            raise file_error(path, f"line {n}: duplicate id {id_!r}")
         seen.add(id_)
         ids.append(id_)
     if not ids:
-        raise fail(path, "split list is empty")
+        raise file_error(path, "split list is empty")
     return ids
 
 
@@ -69,22 +69,22 @@ def read_label_file(path: Path, num_classes: int) -> dict[str, list[int]]:
         obj = np.load(path, allow_pickle=True)
         table = obj.item() if obj.dtype == object and obj.shape == () else None
     except FileNotFoundError:
-        raise fail(path, "label file not found") from None
+        raise file_error(path, "label file not found") from None
     except Exception as exc:
-        raise fail(path, f"cannot load label file ({type(exc).__name__}: {exc})") from None
+        raise file_error(path, f"cannot load label file ({type(exc).__name__}: {exc})") from None
     if not isinstance(table, dict):
-        raise fail(path, "expected a pickled dict id -> multi-hot vector")
+        raise file_error(path, "expected a pickled dict id -> multi-hot vector")
     out = {}
     for key, vec in table.items():
         if isinstance(key, (int, np.integer)):
             key = f"{int(key) // 10**6:04d}_{int(key) % 10**6:06d}"
         vec = np.asarray(vec).reshape(-1)
         if vec.size != num_classes:
-            raise fail(path, f"id {key!r}: label vector has length {vec.size}, expected {num_classes}")
+            raise file_error(path, f"id {key!r}: label vector has length {vec.size}, expected {num_classes}")
         if vec.dtype.kind not in "biuf":
-            raise fail(path, f"id {key!r}: label vector holds {vec.dtype.name} values, expected numbers 0 / 1")
+            raise file_error(path, f"id {key!r}: label vector holds {vec.dtype.name} values, expected numbers 0 / 1")
         if not np.isfinite(vec.astype(np.float64)).all():
-            raise fail(path, f"id {key!r}: label vector holds NaN or infinite values")
+            raise file_error(path, f"id {key!r}: label vector holds NaN or infinite values")
         out[str(key)] = np.flatnonzero(vec > 0.5).tolist()
     return out
 
@@ -92,7 +92,7 @@ def read_label_file(path: Path, num_classes: int) -> dict[str, list[int]]:
 def _optional_dir(root: Path, value, what: str) -> Path | None:
     folder = resolve(root, value)
     if folder is not None and not folder.is_dir():
-        raise fail(folder, f"{what} folder not found")
+        raise file_error(folder, f"{what} folder not found")
     return folder
 
 
@@ -128,7 +128,7 @@ def read_voc(root, splits: dict, *, mask_dir=None, saliency_dir=None, context_di
 
     images = resolve(root, image_dir)
     if not images.is_dir():
-        raise fail(images, "image folder not found")
+        raise file_error(images, "image folder not found")
     if mask_dir is None:
         masks = next((root / d for d in MASK_DIRS if (root / d).is_dir()), None)
     else:
@@ -148,7 +148,7 @@ def read_voc(root, splits: dict, *, mask_dir=None, saliency_dir=None, context_di
             exts = [image_ext] + [e for e in (".jpg", ".png") if e != image_ext]
             image = next((images / f"{id_}{e}" for e in exts if (images / f"{id_}{e}").is_file()), None)
             if image is None:
-                raise fail(list_path, f"id {id_!r}: image {images / (id_ + image_ext)} not found")
+                raise file_error(list_path, f"id {id_!r}: image {images / (id_ + image_ext)} not found")
 
             mask = png_for(masks, id_)
             if id_ in table:
@@ -158,12 +158,12 @@ def read_voc(root, splits: dict, *, mask_dir=None, saliency_dir=None, context_di
             else:
                 why = [f"not in {label_path}"] if label_path else []
                 why.append(f"no mask in {masks}" if masks else "no mask folder")
-                raise fail(list_path, f"id {id_!r}: no labels ({', '.join(why)})")
+                raise file_error(list_path, f"id {id_!r}: no labels ({', '.join(why)})")
             rows[id_] = make_row(id_, image, mask, png_for(saliency, id_), context_for(context, id_),
                                  labels, [split])
 
     for folder, column in ((saliency, "saliency"), (context, "context")):
         if folder and not any(r[column] for r in rows.values()):
             expected = "<id>.png or PASCAL-Context <id>.mat" if column == "context" else "<id>.png"
-            raise fail(folder, f"no {column} file for any listed id (expected {expected})")
+            raise file_error(folder, f"no {column} file for any listed id (expected {expected})")
     return list(rows.values()), classes

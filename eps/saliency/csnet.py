@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 
 INPUT_SIZE = 224
@@ -327,20 +327,20 @@ class _ConfigUnpickler(pickle.Unpickler):
         try:
             return self.ALLOWED[(module, name)]
         except KeyError:
-            raise fail(self.path, f"refusing to load {module}.{name}: a CSNet layer configuration holds "
+            raise file_error(self.path, f"refusing to load {module}.{name}: a CSNet layer configuration holds "
                                   f"only lists, numbers and numpy arrays") from None
 
 
 def _counts(path, value, what: str) -> list[int]:
     """A list of channel counts (non-negative integers) from a number or a numeric array."""
     if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":
-        raise fail(path, f"{what}: a {value.dtype} array, expected channel counts")
+        raise file_error(path, f"{what}: a {value.dtype} array, expected channel counts")
     try:
         arr = np.asarray(value, np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise fail(path, f"{what}: expected channel counts, got {type(value).__name__}") from None
+        raise file_error(path, f"{what}: expected channel counts, got {type(value).__name__}") from None
     if arr.size == 0 or (arr < 0).any() or (arr != np.round(arr)).any():
-        raise fail(path, f"{what}: expected non-negative whole channel counts, got {arr.tolist()}")
+        raise file_error(path, f"{what}: expected non-negative whole channel counts, got {arr.tolist()}")
     return [int(v) for v in arr]
 
 
@@ -350,43 +350,43 @@ def parse_config(raw, path) -> dict:
     naming `path` when it is not one."""
     bad = "not a CSNet layer configuration"
     if not isinstance(raw, list) or len(raw) < 5 or not isinstance(raw[-1], (list, tuple)):
-        raise fail(path, f"{bad} (expected a list ending with the stage lengths)")
+        raise file_error(path, f"{bad} (expected a list ending with the stage lengths)")
     stages = raw[-1]
     if len(stages) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in stages):
-        raise fail(path, f"{bad}: stage lengths {stages!r}, expected 4 positive integers")
+        raise file_error(path, f"{bad}: stage lengths {stages!r}, expected 4 positive integers")
     count = 1 + sum(stages)
     if len(raw) != count + 4:
-        raise fail(path, f"{bad}: {len(raw)} entries, stages {list(stages)} need {count + 4}")
+        raise file_error(path, f"{bad}: {len(raw)} entries, stages {list(stages)} need {count + 4}")
     blocks = []
     for k, entry in enumerate(raw[:count]):
         if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-            raise fail(path, f"{bad}: entry {k} is not [in channels, out channels]")
+            raise file_error(path, f"{bad}: entry {k} is not [in channels, out channels]")
         cin, cout = _counts(path, entry[0], f"entry {k} in"), _counts(path, entry[1], f"entry {k} out")
         if not any(cout):
-            raise fail(path, f"entry {k}: a block without output channels")
+            raise file_error(path, f"entry {k}: a block without output channels")
         if k and cin != blocks[-1][1]:
-            raise fail(path, f"entry {k}: input channels {cin} differ from the previous block's output "
+            raise file_error(path, f"entry {k}: input channels {cin} differ from the previous block's output "
                              f"{blocks[-1][1]}")
         blocks.append((cin, cout))
     if len(blocks[-1][1]) != 1 or any(len(blocks[k][1]) != 1 for k in np.cumsum(stages)[1:3]):
-        raise fail(path, f"{bad}: stages 2-4 must end with one branch")
+        raise file_error(path, f"{bad}: stages 2-4 must end with one branch")
     try:
         fuse, ms, last = raw[count:count + 3]
         head = {"in": _counts(path, fuse[0], "head in"), "mid": _counts(path, ms[0], "head middle"),
                 "ms_out": _counts(path, ms[1], "head multi-scale out"), "out": _counts(path, last[1], "head out")}
         dils = np.asarray(ms[2], np.float64)
     except (TypeError, ValueError, IndexError):
-        raise fail(path, f"{bad}: malformed head entries") from None
+        raise file_error(path, f"{bad}: malformed head entries") from None
     if len(head["in"]) != 3 or len(head["mid"]) != 3 or dils.shape != (3, len(DILATIONS)):
-        raise fail(path, f"{bad}: the head needs 3 branches and {len(DILATIONS)} dilations per branch")
+        raise file_error(path, f"{bad}: the head needs 3 branches and {len(DILATIONS)} dilations per branch")
     head["dilations"] = [_counts(path, row, "head dilations") for row in dils]
     taps = [sum(blocks[k][1]) for k in np.cumsum([1 + stages[0], stages[1], stages[2], stages[3]])[1:] - 1]
     if head["in"] != taps:
-        raise fail(path, f"head input channels {head['in']} differ from the stage outputs {taps}")
+        raise file_error(path, f"head input channels {head['in']} differ from the stage outputs {taps}")
     if head["ms_out"] != [sum(d) for d in head["dilations"]]:
-        raise fail(path, f"head multi-scale channels {head['ms_out']} differ from their dilation split")
+        raise file_error(path, f"head multi-scale channels {head['ms_out']} differ from their dilation split")
     if len(head["out"]) != 1:
-        raise fail(path, f"{bad}: the head must end with one branch")
+        raise file_error(path, f"{bad}: the head must end with one branch")
     return {"stages": list(stages), "blocks": blocks, "head": head}
 
 
@@ -403,14 +403,14 @@ def read_config(path) -> dict:
     """Read and check a ``.bin`` layer configuration without running pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "CSNet layer configuration not found (the .bin released with the checkpoint, "
+        raise file_error(path, "CSNet layer configuration not found (the .bin released with the checkpoint, "
                          "same stem, beside it)")
     try:
         raw = _ConfigUnpickler(io.BytesIO(path.read_bytes()), path).load()
     except EpsError:
         raise
     except Exception as exc:  # any malformed pickle
-        raise fail(path, f"not a CSNet layer configuration (unpickling failed: {type(exc).__name__})") from None
+        raise file_error(path, f"not a CSNet layer configuration (unpickling failed: {type(exc).__name__})") from None
     return parse_config(raw, path)
 
 
@@ -452,21 +452,21 @@ def _state_of(path) -> dict:
     """The state_dict of a checkpoint file (the authors' dict with 'state_dict', or a bare one)."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "CSNet checkpoint not found")
+        raise file_error(path, "CSNet checkpoint not found")
     try:
         # weights_only: the authors' legacy dict (epoch, arch, state_dict, optimizer) holds
         # only tensors, numbers, strings and containers, which the safe loader admits.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise fail(path, f"not a loadable PyTorch checkpoint ({text[:200]})") from None
+        raise file_error(path, f"not a loadable PyTorch checkpoint ({text[:200]})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise fail(path, "not a CSNet checkpoint (expected a dict with a 'state_dict' of tensors)")
+        raise file_error(path, "not a CSNet checkpoint (expected a dict with a 'state_dict' of tensors)")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     if "stage0.0.conv1x1.conv.weight" not in state or "cls_layer.weight" not in state:
-        raise fail(path, f"not a CSNet checkpoint: another layout (first tensor {next(iter(state))})")
+        raise file_error(path, f"not a CSNet checkpoint: another layout (first tensor {next(iter(state))})")
     return state
 
 
@@ -480,12 +480,12 @@ def load_model(weights, config=None) -> CSNet:
     mismatch = f"does not match the checkpoint {weights.name}"
     for key in own:
         if key not in state:
-            raise fail(bin_path, f"{mismatch}: the configuration has tensor {key}, the checkpoint not")
+            raise file_error(bin_path, f"{mismatch}: the configuration has tensor {key}, the checkpoint not")
     for key, tensor in state.items():
         if key not in own:
-            raise fail(bin_path, f"{mismatch}: the checkpoint has tensor {key}, the configuration not")
+            raise file_error(bin_path, f"{mismatch}: the checkpoint has tensor {key}, the configuration not")
         if tuple(tensor.shape) != tuple(own[key].shape):
-            raise fail(bin_path, f"{mismatch}: tensor {key} is {tuple(tensor.shape)} in the checkpoint, "
+            raise file_error(bin_path, f"{mismatch}: tensor {key} is {tuple(tensor.shape)} in the checkpoint, "
                                  f"{tuple(own[key].shape)} by the configuration")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.eval()

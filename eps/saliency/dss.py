@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 from eps.saliency.pfan import vgg16_features
 
@@ -208,16 +208,16 @@ def port_state(path, state: dict, model: DSS) -> dict:
     for key, tensor in state.items():
         name = own_name(key)
         if name is None or name not in own:
-            raise fail(path, f"unexpected tensor {key} (not in the DSS-pytorch network)")
+            raise file_error(path, f"unexpected tensor {key} (not in the DSS-pytorch network)")
         if tuple(tensor.shape) != tuple(own[name].shape):
-            raise fail(path, f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+            raise file_error(path, f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
         renamed[name] = tensor.float()
     if OWN_FUSION not in renamed:  # the port's v1 files: mean fusion
         renamed[OWN_FUSION] = torch.full((len(SIDES),), 1.0 / len(SIDES))
     missing = [port_name(name) for name in own if name not in renamed]
     if missing:
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise fail(path, f"missing tensor {missing[0]}{more}")
+        raise file_error(path, f"missing tensor {missing[0]}{more}")
     return renamed
 
 

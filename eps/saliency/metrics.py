@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from eps.data.io import atomic_path, read_ids_file, read_saliency
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 THRESHOLDS = 256
 VOID = 255  # the VOC label of unannotated object borders
@@ -227,7 +227,7 @@ def read_pair(pred_path, gt_path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     try:
         gt, valid = read_gt(gt_path)
     except (OSError, ValueError) as exc:
-        raise fail(gt_path, f"unreadable ground truth ({exc})") from None
+        raise file_error(gt_path, f"unreadable ground truth ({exc})") from None
     pred = read_saliency(pred_path).astype(np.float32) / 255.0
     if pred.shape != gt.shape:
         pred = np.clip(cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR), 0, 1)
@@ -244,21 +244,21 @@ def evaluate_dirs(pred_dir, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (gt_dir, pred_dir):
         if not folder.is_dir():
-            raise fail(folder, "folder not found")
+            raise file_error(folder, "folder not found")
     gt_paths = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".png")
     if not gt_paths:
-        raise fail(gt_dir, "no ground-truth PNG files in this folder")
+        raise file_error(gt_dir, "no ground-truth PNG files in this folder")
     if ids is not None:
         by_stem = {p.stem: p for p in gt_paths}
         wanted = read_ids_file(ids)
         for image_id in wanted:
             if image_id not in by_stem:
-                raise fail(gt_dir / f"{image_id}.png", f"no ground truth for id {image_id!r} of {ids}")
+                raise file_error(gt_dir / f"{image_id}.png", f"no ground truth for id {image_id!r} of {ids}")
         gt_paths = [by_stem[i] for i in wanted]
     pred_paths = {p.stem: p for p in pred_dir.iterdir() if p.suffix.lower() == ".png"}
     for gt_path in gt_paths:
         if gt_path.stem not in pred_paths:
-            raise fail(pred_dir / f"{gt_path.stem}.png", f"no prediction for ground truth {gt_path.name}")
+            raise file_error(pred_dir / f"{gt_path.stem}.png", f"no prediction for ground truth {gt_path.name}")
     return evaluate_maps((read_pair(pred_paths[g.stem], g) for g in gt_paths), beta2)
 
 
@@ -284,7 +284,7 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     by_id = gt_dir if isinstance(gt_dir, dict) else None
     gt_dir = None if by_id is not None else Path(gt_dir)
     if by_id is None and not gt_dir.is_dir():
-        raise fail(gt_dir, "folder not found")
+        raise file_error(gt_dir, "folder not found")
 
     skipped = []
     wanted = None if ids is None else set(read_ids_file(ids))
@@ -304,18 +304,18 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
                     labels = read_index_png(gt_path)
                     pred = f[image_id][()].astype(np.float32) / 255.0
                     if pred.shape != labels.shape:
-                        raise fail(shard, f"map of {image_id!r} is {pred.shape[1]}x{pred.shape[0]}, "
+                        raise file_error(shard, f"map of {image_id!r} is {pred.shape[1]}x{pred.shape[0]}, "
                                           f"its mask {labels.shape[1]}x{labels.shape[0]}")
                     yield pred, (labels > 0) & (labels != VOID), labels != VOID
         if wanted is not None and wanted - seen:
             missing = sorted(wanted - seen)
-            raise fail(ids, f"id {missing[0]!r} is in no saliency shard" +
+            raise file_error(ids, f"id {missing[0]!r} is in no saliency shard" +
                        (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     result = evaluate_maps(pairs(), beta2)
     if not result["images"]:
         if by_id is not None:
             raise EpsError("the index records no mask for any image of the saliency shards")
-        raise fail(gt_dir, "no mask for any image of the saliency shards")
+        raise file_error(gt_dir, "no mask for any image of the saliency shards")
     result["skipped"] = len(skipped)
     return result

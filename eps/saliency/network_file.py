@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from eps.errors import fail
+from eps.errors import file_error
 
 FORMAT = "eps.saliency-network"
 FORMAT_VERSION = 1
@@ -24,23 +24,23 @@ def read_model_file(path, method: str) -> tuple[dict, bool]:
     (state_dict, False) for another state_dict (unwrapped from 'state_dict', 'module.' removed)."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "weights file not found")
+        raise file_error(path, "weights file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable / unsafe files
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        raise fail(path, f"cannot read {method} weights (expected {EXPECTED_FILES[method]}; "
+        raise file_error(path, f"cannot read {method} weights (expected {EXPECTED_FILES[method]}; "
                          f"torch.load: {reason})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("method") != method:
-            raise fail(path, f"an eps {obj.get('method')} network, not {method}")
+            raise file_error(path, f"an eps {obj.get('method')} network, not {method}")
         return dict(obj["state_dict"]), True
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise fail(path, f"not a state_dict (expected {EXPECTED_FILES[method]})")
+        raise file_error(path, f"not a state_dict (expected {EXPECTED_FILES[method]})")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj), False
@@ -52,13 +52,13 @@ def check_fit(path, state: dict, model, name: str) -> dict:
     state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     for key in own:
         if key not in state:
-            raise fail(path, f"weights do not fit {name}: missing tensor {key}")
+            raise file_error(path, f"weights do not fit {name}: missing tensor {key}")
         if tuple(state[key].shape) != tuple(own[key].shape):
-            raise fail(path, f"weights do not fit {name}: tensor {key} has shape {tuple(state[key].shape)}, "
+            raise file_error(path, f"weights do not fit {name}: tensor {key} has shape {tuple(state[key].shape)}, "
                              f"expected {tuple(own[key].shape)}")
     extra = sorted(set(state) - set(own))
     if extra:
-        raise fail(path, f"weights do not fit {name}: unexpected tensor {extra[0]}")
+        raise file_error(path, f"weights do not fit {name}: unexpected tensor {extra[0]}")
     return state
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eps.data.io import atomic_path
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 
 INPUT_SIZE = 256  # the authors' target_size
@@ -255,30 +255,30 @@ def read_keras_h5(path) -> dict:
     """{layer: {role ('kernel', 'gamma', ...): array}} of a Keras weights file (weightless layers left out)."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "weights file not found")
+        raise file_error(path, "weights file not found")
     with open(path, "rb") as fh:
         if fh.read(8) != HDF5_SIGNATURE:
-            raise fail(path, "not a Keras .h5 file (not HDF5)")
+            raise file_error(path, "not a Keras .h5 file (not HDF5)")
     layers: dict = {}
     try:
         with h5py.File(path, "r") as f:
             root = _weights_root(f)
             if "layer_names" not in root.attrs:
-                raise fail(path, "not a Keras .h5 weights file (no 'layer_names' attribute)")
+                raise file_error(path, "not a Keras .h5 weights file (no 'layer_names' attribute)")
             for layer in (_text(n) for n in root.attrs["layer_names"]):
                 if layer not in root:
-                    raise fail(path, f"layer {layer!r} is listed in layer_names but has no group")
+                    raise file_error(path, f"layer {layer!r} is listed in layer_names but has no group")
                 group = root[layer]
                 tensors = {}
                 for name in (_text(n) for n in group.attrs.get("weight_names", [])):
                     role = name.rsplit("/", 1)[-1].split(":")[0]
                     if name not in group:
-                        raise fail(path, f"tensor {layer}/{name} is listed in weight_names but missing")
+                        raise file_error(path, f"tensor {layer}/{name} is listed in weight_names but missing")
                     tensors[role] = np.asarray(group[name], dtype=np.float32)
                 if tensors:
                     layers[layer] = tensors
     except OSError as exc:
-        raise fail(path, f"not a readable Keras .h5 file ({' '.join(str(exc).split())})") from None
+        raise file_error(path, f"not a readable Keras .h5 file ({' '.join(str(exc).split())})") from None
     return layers
 
 
@@ -326,7 +326,7 @@ def keras_state(path, model: PFAN, layers=None, only=None) -> dict:
     unexpected = sorted(set(layers) - set(LAYER_KIND))
     if unexpected and only is None:
         role = next(iter(layers[unexpected[0]]))
-        raise fail(path, f"unexpected tensor {unexpected[0]}/{role}:0 (no such layer in PFAN)")
+        raise file_error(path, f"unexpected tensor {unexpected[0]}/{role}:0 (no such layer in PFAN)")
     own = model.state_dict()
     state = {}
     for layer, role, name, kind in _keras_entries(model):
@@ -334,15 +334,15 @@ def keras_state(path, model: PFAN, layers=None, only=None) -> dict:
             continue
         array = layers.get(layer, {}).get(role)
         if array is None:
-            raise fail(path, f"missing tensor {layer}/{role}:0")
+            raise file_error(path, f"missing tensor {layer}/{role}:0")
         expected = _to_keras(kind, role, own[name]).shape
         if array.shape != expected:
-            raise fail(path, f"tensor {layer}/{role}:0 has shape {tuple(array.shape)}, expected {tuple(expected)}")
+            raise file_error(path, f"tensor {layer}/{role}:0 has shape {tuple(array.shape)}, expected {tuple(expected)}")
         state[name] = _to_torch(kind, role, array)
     for layer in sorted(set(layers) & wanted):
         extra = sorted(set(layers[layer]) - {role for role, _ in ROLES[LAYER_KIND[layer]]})
         if extra:
-            raise fail(path, f"unexpected tensor {layer}/{extra[0]}:0")
+            raise file_error(path, f"unexpected tensor {layer}/{extra[0]}:0")
     return state
 
 
@@ -379,7 +379,7 @@ def load_weights(model: PFAN, path) -> PFAN:
     """Load the authors' Keras .h5 or an eps .pt (``eps train-saliency``) into `model`."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "weights file not found")
+        raise file_error(path, "weights file not found")
     if is_hdf5(path):
         state = keras_state(path, model)
     else:
@@ -387,7 +387,7 @@ def load_weights(model: PFAN, path) -> PFAN:
 
         state, ours = read_model_file(path, "pfan")
         if not ours:
-            raise fail(path, "not a PFAN weights file (expected the authors' Keras .h5, or a .pt "
+            raise file_error(path, "not a PFAN weights file (expected the authors' Keras .h5, or a .pt "
                              "written by eps train-saliency)")
         state = check_fit(path, state, model, "PFAN")
     own = model.state_dict()

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from eps.data.io import read_saliency
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 
 
 def load_map(image_id: str, image_path: str, saliency_path, strict: bool = False) -> np.ndarray:
@@ -24,9 +24,9 @@ def load_map(image_id: str, image_path: str, saliency_path, strict: bool = False
         with Image.open(image_path) as img:  # the header is enough: the size
             width, height = img.size
     except FileNotFoundError:
-        raise fail(image_path, "file not found") from None
+        raise file_error(image_path, "file not found") from None
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise fail(image_path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise file_error(image_path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if sal.shape != (height, width):
         problem = f"saliency map is {sal.shape[1]}x{sal.shape[0]}, image is {width}x{height}"
         if strict:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 from eps.saliency.network_file import EXPECTED_FILES, FORMAT, check_fit, read_model_file, save_model  # noqa: F401
 
 METHODS = ("pfan", "dss")
@@ -147,11 +147,11 @@ def init_model(model, method: str, path) -> str:
         return "the whole DSS (DSS-pytorch file)"
     features = _vgg_features(state)
     if features is None:
-        raise fail(path, f"neither {EXPECTED_FILES[method]} nor a torchvision VGG16 state_dict")
+        raise file_error(path, f"neither {EXPECTED_FILES[method]} nor a torchvision VGG16 state_dict")
     own = model.state_dict()
     for key, tensor in features.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
-            raise fail(path, f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
+            raise file_error(path, f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
     if method == "pfan":
         features = _torchvision_conv1_to_pfan(features)
     model.load_state_dict(features, strict=False)
@@ -212,11 +212,11 @@ def list_pairs(images_dir, masks_dir) -> tuple[list[Path], list[Path]]:
     images = list_images(images_dir)
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
-        raise fail(masks_dir, "masks folder not found")
+        raise file_error(masks_dir, "masks folder not found")
     masks = [masks_dir / f"{image.stem}.png" for image in images]
     for image, mask in zip(images, masks):
         if not mask.is_file():
-            raise fail(image, f"no mask {mask.name} in {masks_dir}")
+            raise file_error(image, f"no mask {mask.name} in {masks_dir}")
     return images, masks
 
 
@@ -281,7 +281,7 @@ def _samples_class():
             i = self._index(position)
             image, mask = read_image(self.images[i]), read_saliency(self.masks[i])
             if mask.shape != image.shape[:2]:
-                raise fail(self.masks[i], f"mask is {mask.shape[1]}x{mask.shape[0]}, its image "
+                raise file_error(self.masks[i], f"mask is {mask.shape[1]}x{mask.shape[0]}, its image "
                                           f"{image.shape[1]}x{image.shape[0]}")
             rng = np.random.default_rng([self.p["seed"], position, 1]) if self.p["augment"] else None
             x, y = prepare(self.method, image, mask, self.p["size"], rng)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from eps.progress import progress as progress_bar
 
 from eps.data.io import atomic_path, read_image
-from eps.errors import EpsError, fail
+from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 
 FORMAT = "eps.usps"
@@ -396,15 +396,15 @@ def _read_checkpoint(path) -> dict:
     """A usps checkpoint's contents, checked: any other file is a one-line EpsError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise fail(path, "file not found")
+        raise file_error(path, "file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign files
-        raise fail(path, f"not a usps checkpoint (cannot load it: {type(exc).__name__})") from None
+        raise file_error(path, f"not a usps checkpoint (cannot load it: {type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise fail(path, "not a usps checkpoint (made by `eps train-saliency --method usps`)")
+        raise file_error(path, "not a usps checkpoint (made by `eps train-saliency --method usps`)")
     if state.get("version") != FORMAT_VERSION:
-        raise fail(path, f"usps checkpoint version {state.get('version')!r} is not supported "
+        raise file_error(path, f"usps checkpoint version {state.get('version')!r} is not supported "
                          f"(expected {FORMAT_VERSION})")
     return state
 
@@ -415,7 +415,7 @@ def _load_state(model: nn.Module, state_dict, path) -> None:
     except (RuntimeError, TypeError, KeyError, AttributeError) as exc:
         problem = " ".join(str(exc).split())
         problem = problem if len(problem) <= 200 else problem[:197] + "..."
-        raise fail(path, f"usps weights do not fit the network ({problem})") from None
+        raise file_error(path, f"usps weights do not fit the network ({problem})") from None
 
 
 def load_predictor(weights, device="cpu"):
