@@ -28,6 +28,8 @@ test-slow: $(BIN)/eps
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(BIN)/eps
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile workflow/
 	$(BIN)/snakemake --lint --configfile config.yaml
 
 dry-run: $(BIN)/eps

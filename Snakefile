@@ -6,7 +6,8 @@
 
 from snakemake.utils import min_version
 
-min_version("9.0")  # the schema, scattergather and executor-plugin interfaces the rules use
+# the schema, scattergather and executor-plugin interfaces the rules use
+min_version("9.0")
 
 # config.yaml is the default run; a --configfile (a preset) replaces it rather than merging
 # into it, so a preset never inherits the default run's variants.
@@ -47,8 +48,8 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/saliency/{SAL_METHOD}/metrics.json",
         REPORT_TARGETS,
-    default_target: True

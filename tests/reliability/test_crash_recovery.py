@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from .helpers import TRAIN_PARAMS, eps, leftovers, subprocess_env

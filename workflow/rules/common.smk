@@ -17,8 +17,10 @@ def validate_config():
     import jsonschema
 
     if "bg_threshold" in (config.get("crf") or {}):
-        raise WorkflowError("config: crf.bg_threshold: no longer a key; the CRF's background threshold is "
-                            "pseudo_masks.bg_threshold (one key for both)")
+        raise WorkflowError(
+            "config: crf.bg_threshold: no longer a key; the CRF's background threshold is "
+            "pseudo_masks.bg_threshold (one key for both)"
+        )
     if isinstance(config.get("variants"), dict):
         config["variants"] = {k: v for k, v in config["variants"].items() if v is not None}
     try:
@@ -35,15 +37,19 @@ def validate_config():
     else:
         splits = set(dataset.get("splits") or {"train": None, "val": None})
     if config["train_split"] not in splits:
-        raise WorkflowError(f"config: train_split: {config['train_split']!r} is not one of dataset.splits "
-                            f"({', '.join(sorted(splits))})")
+        raise WorkflowError(
+            f"config: train_split: {config['train_split']!r} is not one of dataset.splits "
+            f"({', '.join(sorted(splits))})"
+        )
     checked = [("evaluation.splits", config["evaluation"]["splits"])]
     if config["segmenter"].get("enabled", True):
         checked.append(("segmenter.predict.split", [config["segmenter"]["predict"]["split"]]))
     for key, value in checked:
         for split in value:
             if split not in splits:
-                raise WorkflowError(f"config: {key}: {split!r} is not one of dataset.splits ({', '.join(sorted(splits))})")
+                raise WorkflowError(
+                    f"config: {key}: {split!r} is not one of dataset.splits ({', '.join(sorted(splits))})"
+                )
 
 
 validate_config()
@@ -52,8 +58,11 @@ DATASET = config["dataset"]
 DS = DATASET["name"]
 RESULTS = f"results/{DS}"
 # the index writes ids/{split}.txt of these: a folder dataset has its one `split`
-SPLITS = ([DATASET.get("split", "train")] if DATASET["type"] == "folder"
-          else list(DATASET.get("splits") or {"train": "train.txt", "val": "val.txt"}))
+SPLITS = (
+    [DATASET.get("split", "train")]
+    if DATASET["type"] == "folder"
+    else list(DATASET.get("splits") or {"train": "train.txt", "val": "val.txt"})
+)
 EVAL_SPLITS = config["evaluation"]["splits"]
 VARIANTS = list(config["variants"])
 SAL_METHOD = config["saliency"]["method"]
@@ -74,8 +83,10 @@ def find_eps():
     methods = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", None) or ()
     with_conda = any(getattr(m, "name", "") == "CONDA" for m in methods)  # the environment brings its own
     if shutil.which("eps") is None and not with_conda:
-        raise WorkflowError("the eps command is not installed beside this snakemake nor on PATH: "
-                            "run `make install`, then `.venv/bin/snakemake ...` (README.md, Install)")
+        raise WorkflowError(
+            "the eps command is not installed beside this snakemake nor on PATH: "
+            "run `make install`, then `.venv/bin/snakemake ...` (README.md, Install)"
+        )
 
 
 find_eps()
@@ -162,8 +173,10 @@ def saliency_weights(wildcards):
         if not weights:
             raise ValueError(f"saliency.weights: method {wildcards.method} needs a weights file")
         if wildcards.method == "csnet":  # eps.saliency.csnet.config_path, without importing torch here
-            stem = next((weights[: -len(s)] for s in (".pth.tar", ".pth", ".pt", ".tar") if weights.endswith(s)),
-                        os.path.splitext(weights)[0])
+            stem = next(
+                (weights[: -len(s)] for s in (".pth.tar", ".pth", ".pt", ".tar") if weights.endswith(s)),
+                os.path.splitext(weights)[0],
+            )
             return [weights, f"{stem}.bin"]
         return [weights]
     return []

@@ -20,12 +20,12 @@ rule evaluate_saliency:
         index=f"{RESULTS}/index.csv",
     output:
         f"{RESULTS}/saliency/{SAL_METHOD}/metrics.json",
-    params:
-        code=code_hash(*COMMON_CODE, "eps/saliency/metrics.py"),
     log:
         f"{RESULTS}/logs/saliency/evaluate_{SAL_METHOD}.log",
     conda:
         "../../envs/eps.yaml"
+    params:
+        code=code_hash(*COMMON_CODE, "eps/saliency/metrics.py"),
     shell:
         "eps eval-saliency --shards {input.shards} --index {input.index} --out {output} > {log} 2>&1"
 
@@ -38,22 +38,22 @@ rule evaluate_masks:
     output:
         metrics=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/metrics.json",
         per_class=f"{RESULTS}/{{variant}}/{{stage}}/{{split}}/per_class.csv",
+    log:
+        f"{RESULTS}/logs/evaluate_masks/{{variant}}/{{stage}}/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_masks/{{variant}}/{{stage}}/{{split}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        stage="|".join(STAGE_DIRS),
+        split="[^/]+",
+    conda:
+        "../../envs/eps.yaml"
+    threads: stage_threads("evaluate")
     params:
         pairs=pairs_args(),
         boundary=BOUNDARY_ARGS,
         out=subpath(output.metrics, parent=True),
         code=code_hash(*COMMON_CODE, "eps/metrics.py"),
-    wildcard_constraints:
-        variant="[^/]+",
-        stage="|".join(STAGE_DIRS),
-        split="[^/]+",
-    threads: stage_threads("evaluate")
-    log:
-        f"{RESULTS}/logs/evaluate_masks/{{variant}}/{{stage}}/{{split}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate_masks/{{variant}}/{{stage}}/{{split}}.tsv"
-    conda:
-        "../../envs/eps.yaml"
     shell:
         "eps evaluate-masks --pred {input.pred} --index {input.index} --split {wildcards.split} "
         "{params.pairs} {params.boundary} "
@@ -69,25 +69,28 @@ if SEG_ENABLED:
     SUMMARY_STAGES.append(("segmenter", SEG_SPLIT))
     if SEG_CRF:
         SUMMARY_STAGES.append(("segmenter_crf", SEG_SPLIT))
-SUMMARY_ENTRIES = [(v, stage, split) for stage, split in SUMMARY_STAGES
-                   for v in (SEG_VARIANTS if stage.startswith("segmenter") else VARIANTS)]
+SUMMARY_ENTRIES = [
+    (v, stage, split)
+    for stage, split in SUMMARY_STAGES
+    for v in (SEG_VARIANTS if stage.startswith("segmenter") else VARIANTS)
+]
+
 
 rule summary:
     input:
         [f"{RESULTS}/{v}/{stage}/{split}/metrics.json" for v, stage, split in SUMMARY_ENTRIES],
     output:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="1. Tables"),
-    params:
-        entries=" ".join(
-            f"--entry {v}:{stage}:{RESULTS}/{v}/{stage}/{split}/metrics.json"
-            for v, stage, split in SUMMARY_ENTRIES
-        ),
-        code=code_hash(*COMMON_CODE, "eps/summary.py"),
     log:
         f"{RESULTS}/logs/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/summary.tsv"
     conda:
         "../../envs/eps.yaml"
+    params:
+        entries=" ".join(
+            f"--entry {v}:{stage}:{RESULTS}/{v}/{stage}/{split}/metrics.json" for v, stage, split in SUMMARY_ENTRIES
+        ),
+        code=code_hash(*COMMON_CODE, "eps/summary.py"),
     shell:
         "eps summary {params.entries} --out {output} > {log} 2>&1"

@@ -1,23 +1,24 @@
 # Multi-scale CAMs, pseudo-masks (HDF5 shards) and their PNG export.
 
+
 rule infer_cams:
     input:
         index=f"{RESULTS}/index.csv",
         classifier=f"{RESULTS}/{{variant}}/classifier.pt",
     output:
         f"{RESULTS}/{{variant}}/cams/{{split}}/shard-{{scatteritem}}.h5",
-    params:
-        infer=as_json(with_device(config["infer"])),
-        code=code_hash(*COMMON_CODE, "eps/infer.py", "eps/train.py", "eps/models"),
-    threads: config["threads"]["infer"]
-    resources:
-        gpu=1,
     log:
         f"{RESULTS}/logs/infer_cams/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/infer_cams/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
     conda:
         "../../envs/eps.yaml"
+    threads: config["threads"]["infer"]
+    resources:
+        gpu=1,
+    params:
+        infer=as_json(with_device(config["infer"])),
+        code=code_hash(*COMMON_CODE, "eps/infer.py", "eps/train.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps infer-cams --index {input.index} --classifier {input.classifier} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.infer:q} "
@@ -29,16 +30,16 @@ rule pseudo_masks:
         f"{RESULTS}/{{variant}}/cams/{{split}}/shard-{{scatteritem}}.h5",
     output:
         f"{RESULTS}/{{variant}}/masks/{{split}}/shard-{{scatteritem}}.h5",
-    params:
-        masks=as_json(config["pseudo_masks"]),
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     log:
         f"{RESULTS}/logs/pseudo_masks/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pseudo_masks/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
     conda:
         "../../envs/eps.yaml"
+    params:
+        masks=as_json(config["pseudo_masks"]),
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     shell:
         "eps pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
 
@@ -48,14 +49,14 @@ rule export_masks:
         gather.shard(f"{RESULTS}/{{{{variant}}}}/masks/{{{{split}}}}/shard-{{scatteritem}}.h5"),
     output:
         directory(f"{RESULTS}/{{variant}}/masks/{{split}}/png"),
-    params:
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     log:
         f"{RESULTS}/logs/export_masks/{{variant}}/{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/export_masks/{{variant}}/{{split}}.tsv"
     conda:
         "../../envs/eps.yaml"
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"

@@ -34,14 +34,14 @@ rule report_tables:
     output:
         md=report(f"{RESULTS}/tables.md", caption="../report/tables.rst", category="1. Tables"),
         html=report(f"{REPORT_DIR}/tables.html", caption="../report/tables.rst", category="1. Tables"),
-    params:
-        code=code_hash(*COMMON_CODE, "eps/report.py"),
     log:
         f"{RESULTS}/logs/report_tables.log",
     benchmark:
         f"{RESULTS}/benchmarks/report_tables.tsv"
     conda:
         "../../envs/eps.yaml"
+    params:
+        code=code_hash(*COMMON_CODE, "eps/report.py"),
     shell:
         "eps report-tables --summary {input} --out {output.md} --html {output.html} > {log} 2>&1"
 
@@ -77,6 +77,13 @@ rule report_figures:
             REPORT_FIGURES["qualitative"], caption="../report/qualitative.rst", category="2. Qualitative"
         ),
         variants=report(REPORT_FIGURES["variants"], caption="../report/variants.rst", category="2. Qualitative"),
+    log:
+        f"{RESULTS}/logs/report_figures.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report_figures.tsv"
+    conda:
+        "../../envs/eps.yaml"
+    threads: 1
     params:
         report=as_json(REPORT),
         predict=as_json(SEG_PRED),
@@ -87,15 +94,7 @@ rule report_figures:
         seg_logs=" ".join(f"--seg-log {v}:{path}" for v, path in REPORT_SEG_LOGS.items()),
         masks=" ".join(f"--masks {v}:{RESULTS}/{v}/masks/{REPORT_SPLIT}/png" for v in VARIANTS),
         segmenter=f"--segmenter {RESULTS}/{REPORT_METHOD}/{SEG_NAME}/model.pt" if SEG_ENABLED else "",
-        code=code_hash(*COMMON_CODE, "eps/report.py", "eps/losses.py", "eps/train.py", "eps/segment.py",
-                       "eps/models"),
-    threads: 1
-    log:
-        f"{RESULTS}/logs/report_figures.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/report_figures.tsv"
-    conda:
-        "../../envs/eps.yaml"
+        code=code_hash(*COMMON_CODE, "eps/report.py", "eps/losses.py", "eps/train.py", "eps/segment.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps report-figures --index {input.index} --split {params.split} "
         "{params.metrics} {params.train_logs} {params.seg_logs} {params.masks} "

@@ -30,8 +30,10 @@ SEG_TRAIN = with_device({k: v for k, v in SEG.items() if k not in ("predict", "v
 # init_pretraining: classifier = the backbone of the variant's own trained classifier
 SEG_FROM_CLASSIFIER = SEG["init_pretraining"] == "classifier"
 if SEG_FROM_CLASSIFIER and SEG["weights"]:
-    raise ValueError("segmenter.weights: must be null with init_pretraining: classifier "
-                     "(the variant's classifier.pt is the weights file)")
+    raise ValueError(
+        "segmenter.weights: must be null with init_pretraining: classifier "
+        "(the variant's classifier.pt is the weights file)"
+    )
 
 
 PREDICT_OUTPUTS = {"pred": f"{SEG_DIR}/pred/{{split}}/shard-{{scatteritem}}.h5"}
@@ -45,20 +47,20 @@ rule crf:
         index=f"{RESULTS}/index.csv",
     output:
         f"{RESULTS}/{{variant}}/masks_crf/{{split}}/shard-{{scatteritem}}.h5",
-    params:
-        crf=as_json(CRF),
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/crf.py"),
-    wildcard_constraints:
-        variant="[^/]+",
-        split="[^/]+",
-    threads: stage_threads("crf")
     log:
         f"{RESULTS}/logs/crf/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/crf/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    threads: stage_threads("crf")
+    params:
+        crf=as_json(CRF),
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/crf.py"),
     shell:
         "eps crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
         "--params {params.crf:q} --workers {threads} --out {output} > {log} 2>&1"
@@ -69,18 +71,18 @@ rule export_crf:
         gather.shard(f"{RESULTS}/{{{{variant}}}}/masks_crf/{{{{split}}}}/shard-{{scatteritem}}.h5"),
     output:
         directory(f"{RESULTS}/{{variant}}/masks_crf/{{split}}/png"),
-    params:
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
-    wildcard_constraints:
-        variant="[^/]+",
-        split="[^/]+",
     log:
         f"{RESULTS}/logs/export_crf/{{variant}}/{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/export_crf/{{variant}}/{{split}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
@@ -95,23 +97,24 @@ rule train_segmenter:
         model=f"{SEG_DIR}/model.pt",
         meta=f"{SEG_DIR}/model.json",
         train_log=f"{SEG_DIR}/train_log.csv",
-    params:
-        # with init_pretraining: classifier, the variant's classifier.pt is the weights file
-        segmenter=lambda w: as_json({**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"}
-                                    if SEG_FROM_CLASSIFIER else SEG_TRAIN),
-        split=config["train_split"],
-        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
-    wildcard_constraints:
-        variant="[^/]+",
-    threads: config["threads"]["train"]
-    resources:
-        gpu=1,
     log:
         f"{RESULTS}/logs/train_segmenter/{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_segmenter/{{variant}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        gpu=1,
+    params:
+        # with init_pretraining: classifier, the variant's classifier.pt is the weights file
+        segmenter=lambda w: as_json(
+            {**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"} if SEG_FROM_CLASSIFIER else SEG_TRAIN
+        ),
+        split=config["train_split"],
+        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
         "--split {params.split} --params {params.segmenter:q} --out {output.model} > {log} 2>&1"
@@ -123,23 +126,25 @@ rule predict:
         model=f"{SEG_DIR}/model.pt",
     output:
         **PREDICT_OUTPUTS,
-    params:
-        predict=as_json(with_device(SEG_PRED)),
-        # --crf (the crf block's kernel) and --crf-out when predictions are CRF-refined
-        crf=lambda w, output: f"--crf {shlex.quote(as_json(CRF))} --crf-out {shlex.quote(str(output.crf))}" if SEG_CRF else "",
-        code=code_hash(*COMMON_CODE, "eps/predict.py", "eps/models"),
-    wildcard_constraints:
-        variant="[^/]+",
-        split="[^/]+",
-    threads: config["threads"]["infer"]
-    resources:
-        gpu=1,
     log:
         f"{RESULTS}/logs/predict/{{variant}}/{{split}}/shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/predict/{{variant}}/{{split}}/shard-{{scatteritem}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    threads: config["threads"]["infer"]
+    resources:
+        gpu=1,
+    params:
+        predict=as_json(with_device(SEG_PRED)),
+        # --crf (the crf block's kernel) and --crf-out when predictions are CRF-refined
+        crf=lambda w, output: (
+            f"--crf {shlex.quote(as_json(CRF))} --crf-out {shlex.quote(str(output.crf))}" if SEG_CRF else ""
+        ),
+        code=code_hash(*COMMON_CODE, "eps/predict.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps predict --index {input.index} --model {input.model} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.predict:q} "
@@ -151,19 +156,19 @@ rule export_predictions:
         gather.shard(f"{RESULTS}/{{{{variant}}}}/{SEG_NAME}/{{{{kind}}}}/{{{{split}}}}/shard-{{scatteritem}}.h5"),
     output:
         directory(f"{SEG_DIR}/{{kind}}/{{split}}/png"),
-    params:
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
-    wildcard_constraints:
-        variant="[^/]+",
-        kind="pred|pred_crf",
-        split="[^/]+",
     log:
         f"{RESULTS}/logs/export_predictions/{{variant}}/{{kind}}/{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/export_predictions/{{variant}}/{{kind}}/{{split}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        kind="pred|pred_crf",
+        split="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
@@ -179,18 +184,18 @@ rule server_export:
         ),
     output:
         directory(f"{SEG_DIR}/server/{{split}}/results/VOC2012/Segmentation/comp6_test_cls"),
-    params:
-        dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
-    wildcard_constraints:
-        variant="[^/]+",
-        split="[^/]+",
     log:
         f"{RESULTS}/logs/server_export/{{variant}}/{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/server_export/{{variant}}/{{split}}.tsv"
+    wildcard_constraints:
+        variant="[^/]+",
+        split="[^/]+",
     conda:
         "../../envs/eps.yaml"
+    params:
+        dataset=DS,
+        code=code_hash(*COMMON_CODE, "eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
