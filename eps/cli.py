@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from eps.errors import EpsError
+from eps.errors import EpsError, file_error
 
 CORES_HELP = "the cores this job has: EPS_THREADS, as Snakemake sets it, else the machine's"
 
@@ -47,7 +47,7 @@ def cmd_synth(a):
 
 
 def cmd_index(a):
-    from eps.data.index import build_index
+    from eps.data.build import build_index
 
     if Path(a.dataset).is_file():  # a YAML / JSON file: the dataset block, or a config holding one
         import yaml
@@ -111,7 +111,7 @@ def cmd_eval_saliency(a):
         rows = read_index(a.index)
         gt = {i: m for i, m in zip(rows["id"], rows["mask"]) if m}
     result = (evaluate_dirs(a.pred, gt, ids=a.ids) if a.pred is not None
-              else evaluate_shards(a.shards, gt, ids=a.ids))
+              else evaluate_shards(a.shards, gt, ids=a.ids, index=a.index))
     write_json(result, a.out)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
@@ -188,8 +188,11 @@ def cmd_evaluate_masks(a):
                 raise EpsError(f"confusion_pairs: unknown class {cls!r}; known: {info['classes']}")
             pairs.append((context_names.index(ctx) + 1, info["classes"].index(cls) + 1))
     if pairs and context is None:
-        where = f"the index gives none for every id of split {a.split!r}" if a.index else "give --context DIR"
-        raise EpsError(f"--pairs: the co-occurrence confusion needs context masks; {where}")
+        raise EpsError("--pairs: the co-occurrence confusion needs context masks; give --context DIR")
+    if pairs and a.index and len(context) < len(ids):
+        lacking = [i for i in ids if i not in context]
+        raise file_error(a.index, f"--pairs: {len(lacking)} of the {len(ids)} ids of split {a.split!r} have no "
+                                  f"context mask (e.g. {lacking[0]!r}); the co-occurrence confusion needs them all")
     result = evaluate_masks(
         a.pred, gt, ids, num_classes, context_dir=context, pairs=pairs,
         class_names=class_names, context_names=context_names, workers=_workers(a.workers),

@@ -137,11 +137,25 @@ def choose_device(name: str = "auto"):
     return torch.device(name)
 
 
+def env_threads() -> int | None:
+    """EPS_THREADS (Snakemake passes a job's `threads` so), checked; None when unset."""
+    value = os.environ.get("EPS_THREADS")
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise EpsError(f"EPS_THREADS: expected a positive whole number of threads, got {value!r}")
+    return threads
+
+
 def usable_cores() -> int:
     """The cores this job has: EPS_THREADS (Snakemake's `threads`), else the ones the process may run on."""
-    threads = os.environ.get("EPS_THREADS")
+    threads = env_threads()
     if threads:
-        return max(1, int(threads))
+        return threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
@@ -152,9 +166,9 @@ def set_threads() -> None:
     """Use the CPU count the scheduler granted (Snakemake passes it as EPS_THREADS)."""
     import torch
 
-    threads = os.environ.get("EPS_THREADS")
+    threads = env_threads()
     if threads:
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(threads)
 
 
 def write_json(path, data) -> None:

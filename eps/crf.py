@@ -196,6 +196,9 @@ def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, wor
     check_scale(params)
     if params.get("background", "threshold") not in ("threshold", "power"):
         raise EpsError(f"crf.background: unknown value {params['background']!r} (threshold, power)")
+    threshold = params.get("bg_threshold", CRF_DEFAULTS["bg_threshold"])
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise EpsError(f"crf.bg_threshold: expected a number in [0, 1] (pseudo_masks.bg_threshold), got {threshold!r}")
     index = read_index(index_csv)
     paths = dict(zip(index["id"], index["image"]))
     out = Path(out)

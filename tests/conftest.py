@@ -85,7 +85,7 @@ def kill_at_checkpoint(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """Synthetic world (12 train / 4 val, 40 px), its index, its masks and one saliency shard (read only)."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
     from eps.data.synthetic import generate
     from eps.saliency import extract_shard
 

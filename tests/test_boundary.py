@@ -237,7 +237,8 @@ def test_cli_and_summary_columns(tmp_path, capsys):
 
 
 def test_index_takes_pascal_context_mat(tiny_voc, tmp_path):
-    from eps.data.index import build_index, read_index
+    from eps.data.build import build_index
+    from eps.data.index import read_index
 
     ctx = tiny_voc / "trainval"
     ctx.mkdir()

@@ -36,7 +36,7 @@ def assert_user_error(capsys, argv, *names) -> str:
 @pytest.fixture
 def synth_index(tmp_path) -> Path:
     """A tiny synthetic world and its index (4 images of 32 px)."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
     from eps.data.synthetic import generate
 
     generate(tmp_path / "data", num_train=2, num_val=2, size=32, seed=1)
@@ -257,3 +257,5 @@ def test_workers_default_to_the_cores_the_job_has(capsys, masks, monkeypatch):
     assert run(capsys, *evaluate_args(masks), "--workers", "1")[0] == 0
     assert seen == [len(os.sched_getaffinity(0)), 3, 1]
     assert_user_error(capsys, evaluate_args(masks) + ["--workers", "0"], "--workers", "positive")
+    monkeypatch.setenv("EPS_THREADS", "two")
+    assert_user_error(capsys, evaluate_args(masks), "EPS_THREADS", "'two'")

@@ -67,3 +67,20 @@ def test_one_key_for_the_background_threshold(tmp_path):
     cfg["crf"]["bg_threshold"] = 0.2
     code, out = dry_run()
     assert code != 0 and "crf.bg_threshold: no longer a key" in out and "pseudo_masks.bg_threshold" in out
+
+
+def test_a_coco_split_is_evaluated_only_with_its_masks(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "configs" / "coco14.yaml").read_text())
+    cfg["dataset"]["splits"]["val"] = "val2014"  # images only: labels from the instances JSON
+    path = tmp_path / "coco.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(root / "Snakefile"),
+                           "--directory", str(tmp_path), "--configfile", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "evaluation.splits: split 'val' has no masks" in proc.stdout + proc.stderr

@@ -153,7 +153,8 @@ def test_background_scores():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 6-image synthetic world, its index and a CAM shard made from blurred ground truth."""
-    from eps.data.index import build_index, read_index
+    from eps.data.build import build_index
+    from eps.data.index import read_index
     from eps.data.io import atomic_h5, read_index_png
 
     root = tmp_path_factory.mktemp("crf")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eps.data import coco, folder, index, voc
+from eps.data import build, coco, folder, index, voc
 from eps.data.io import write_index_png, write_rgb
 from eps.errors import EpsError
 
@@ -40,7 +40,7 @@ def test_voc_sample(shared_dir, tmp_path):
     cfg = {"type": "voc", "name": "sample", "root": str(root), "saliency_dir": "SALImages",
            "labels_file": str(shared_dir / "data" / "voc12_masks" / "metadata" / "cls_labels.npy"),
            "splits": {"clean": "clean.txt", "boxed": str(root / "ImageSets/Segmentation/boxed.txt")}}
-    df = index.build_index(cfg, tmp_path / "index.csv")
+    df = build.build_index(cfg, tmp_path / "index.csv")
     assert list(df["id"]) == [r["id"] for r in rows]
     assert list(df["labels"]) == [r["labels"] for r in rows]
     assert index.read_classes(tmp_path / "index.csv")["dataset"] == "sample"
@@ -199,12 +199,12 @@ def test_parse_scatteritem():
 def test_build_index_config_errors(tiny_voc, tmp_path):
     cfg = {"type": "voc", "root": str(tiny_voc), "splits": {"train": "train.txt"}}
     with pytest.raises(EpsError, match=r"^dataset\.saliency: unknown key"):
-        index.build_index({**cfg, "saliency": "SALImages"}, tmp_path / "index.csv")
+        build.build_index({**cfg, "saliency": "SALImages"}, tmp_path / "index.csv")
     with pytest.raises(EpsError, match=r"^dataset\.type"):
-        index.build_index({**cfg, "type": "kitti"}, tmp_path / "index.csv")
+        build.build_index({**cfg, "type": "kitti"}, tmp_path / "index.csv")
     with pytest.raises(EpsError, match="dataset root not found"):
-        index.build_index({**cfg, "root": str(tmp_path / "nope")}, tmp_path / "index.csv")
-    df = index.build_index(cfg, tmp_path / "ds" / "index.csv")
+        build.build_index({**cfg, "root": str(tmp_path / "nope")}, tmp_path / "index.csv")
+    df = build.build_index(cfg, tmp_path / "ds" / "index.csv")
     assert index.read_classes(tmp_path / "ds" / "index.csv")["dataset"] == "ds"
     assert len(df) == 3
 
@@ -213,7 +213,7 @@ def test_build_index_synthetic(tiny_voc, tmp_path):
     shutil.copytree(tiny_voc / "SegmentationClass", tiny_voc / "ContextClass")
     (tiny_voc / "meta.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(20)],
                                                     "contexts": ["sky", "water"]}))
-    df = index.build_index({"type": "synthetic", "root": str(tiny_voc), "name": "syn"}, tmp_path / "index.csv")
+    df = build.build_index({"type": "synthetic", "root": str(tiny_voc), "name": "syn"}, tmp_path / "index.csv")
     assert index.read_classes(tmp_path / "index.csv") == {
         "classes": [f"c{i}" for i in range(20)], "contexts": ["sky", "water"], "dataset": "syn"}
     assert list(df["splits"]) == [["train"], ["train"], ["train", "val"], ["val"]]
@@ -248,7 +248,7 @@ def test_coco_instances(tmp_path):
         ("COCO_val2014_000000000009", [0, 2]), ("COCO_val2014_000000000025", [1])]
     rows, _ = coco.read_coco(tmp_path, {"val": {"images": "val2014"}}, drop_unlabeled=False)
     assert len(rows) == 3 and rows[2]["labels"] == []
-    df = index.build_index({"type": "coco", "root": str(tmp_path), "splits": {"val": "val2014"}},
+    df = build.build_index({"type": "coco", "root": str(tmp_path), "splits": {"val": "val2014"}},
                            tmp_path / "out" / "index.csv")
     assert list(df["labels"]) == [[0, 2], [1]]
 
@@ -304,7 +304,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(EpsError, match="expected columns"):
         folder.read_folder(tmp_path, "l4.csv")
     with pytest.raises(EpsError, match=r"^dataset\.label_csv: unknown key"):
-        index.build_index({"type": "folder", "root": str(tmp_path), "label_csv": "labels.csv"},
+        build.build_index({"type": "folder", "root": str(tmp_path), "label_csv": "labels.csv"},
                           tmp_path / "index.csv")
 
 
@@ -313,7 +313,7 @@ def test_synthetic_world_index(tmp_path):
     from eps.data.synthetic import generate
 
     generate(tmp_path / "data", num_train=6, num_val=3, size=48)
-    df = index.build_index({"type": "synthetic", "root": str(tmp_path / "data")}, tmp_path / "index.csv")
+    df = build.build_index({"type": "synthetic", "root": str(tmp_path / "data")}, tmp_path / "index.csv")
     meta = index.read_classes(tmp_path / "index.csv")
     assert len(df) == 9 and meta["contexts"] and all(df["context"])
     from_masks, _ = voc.read_voc(tmp_path / "data", {"train": "train.txt", "val": "val.txt"},

@@ -12,7 +12,8 @@ import numpy as np
 import yaml
 
 from eps.cli import main
-from eps.data.index import build_index, split_ground_truth
+from eps.data.build import build_index
+from eps.data.index import split_ground_truth
 from eps.data.io import read_index_png, write_gray_png, write_index_png, write_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +156,35 @@ def test_a_folder_dataset_declares_only_its_split(tmp_path):
     run = _snakemake(["results/f/index.csv", "--cores", "1", "--configfile", str(config)], tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "results/f/ids").iterdir()) == ["train.txt"]
+
+
+def test_the_co_occurrence_confusion_reads_the_context_masks_the_index_records(tmp_path, capsys):
+    from eps.data.synthetic import generate
+
+    generate(tmp_path / "world", num_train=3, num_val=1, size=32, seed=1)
+    index = tmp_path / "idx" / "index.csv"
+    build_index({"type": "synthetic", "name": "w", "root": str(tmp_path / "world")}, index)
+    pred = predictions_from_masks(index, "train", tmp_path / "p")
+    pairs = json.dumps([["rail", "train"], ["water", "boat"]])
+    metrics = evaluate(index, "train", pred, tmp_path / "m", "--pairs", pairs)
+    assert [c["pair"] for c in metrics["confusion"]] == ["rail->train", "water->boat"]
+    assert all(c["fp"] == 0 for c in metrics["confusion"])  # a perfect prediction confuses nothing
+    # predict every context pixel as the class that co-occurs with it: now counted
+    ids, _, contexts = split_ground_truth(index, "train")
+    for image_id in ids:
+        mask = read_index_png(pred / f"{image_id}.png").copy()
+        mask[read_index_png(contexts[image_id]) == 1] = 1  # rail -> train
+        write_index_png(pred / f"{image_id}.png", mask)
+    confused = evaluate(index, "train", pred, tmp_path / "m2", "--pairs", pairs)
+    assert confused["confusion"][0]["fp"] > 0 and confused["confusion"][1]["fp"] == 0
+    # an index whose split lacks a context mask: one line with the count and an example id
+    import pandas as pd
+
+    rows = pd.read_csv(index, dtype=str, keep_default_na=False)
+    rows.loc[0, "context"] = ""
+    rows.to_csv(index, index=False)
+    assert main(["evaluate-masks", "--pred", str(pred), "--index", str(index), "--split", "train",
+                 "--pairs", pairs, "--out", str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of the 3 ids of split 'train' have no context mask" in err[0], err
+    assert not (tmp_path / "m3").exists()

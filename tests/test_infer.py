@@ -34,7 +34,7 @@ def _one_thread(monkeypatch):
 def world(tmp_path_factory) -> dict:
     """Tiny synthetic world, its index (one val image stripped of its labels), saliency,
     and a CAM and an EPS classifier trained for two iterations."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
     from eps.data.synthetic import generate
     from eps.saliency import extract_shard
     from eps.train import train_classifier

@@ -129,7 +129,7 @@ def test_estimated_saliency_is_the_eps_blend_at_image_size():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny synthetic world with its index, saliency shard, an untrained classifier and segmenter."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
     from eps.data.synthetic import generate
     from eps.models import build_segmenter
     from eps.saliency import extract_shard

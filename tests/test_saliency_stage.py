@@ -68,7 +68,7 @@ def test_predict_folder_errors(tmp_path):
 
 
 def test_extract_shard_with_a_predictor(tiny_voc, tmp_path):
-    from eps.data.index import build_index
+    from eps.data.build import build_index
 
     index = tmp_path / "index.csv"
     build_index({"type": "voc", "name": "tiny", "root": str(tiny_voc), "saliency_dir": "SALImages",
@@ -113,7 +113,7 @@ def test_cli_train_saliency_rejects_untrainable_and_missing_masks(image_folder, 
 
 def test_eval_saliency_of_shards_against_the_dataset_masks(tiny_voc, tmp_path, capsys):
     """The tiny dataset's saliency PNGs are its masks (void included): a perfect score."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
 
     index = tmp_path / "index.csv"
     build_index({"type": "voc", "name": "tiny", "root": str(tiny_voc), "saliency_dir": "SALImages",

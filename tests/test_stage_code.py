@@ -24,11 +24,16 @@ def test_a_stage_hashes_what_its_modules_import():
     assert "eps/data/io.py" in evaluation and "eps/errors.py" in evaluation
     assert not {"eps/train.py", "eps/segment.py", "eps/crf.py"} & evaluation
     assert closure("eps/models") >= {"eps/models/efficientnet.py", "eps/models/deeplab.py"}
-    # the dispatcher imports every stage; as the workflow hashes it (shallow), it brings none
+    # the dispatcher imports every stage; as the workflow hashes it (shallow), it brings none,
+    # and a shallow helper that a stage imports is followed as any other module
     assert "eps/train.py" in closure("eps/cli.py")
-    dispatcher = {p.relative_to(ROOT).as_posix()
-                  for p in stage_code.code_closure(ROOT, "eps/cli.py", "eps/metrics.py", shallow=["eps/cli.py"])}
-    assert "eps/cli.py" in dispatcher and "eps/train.py" not in dispatcher
+    common = ["eps/cli.py", "eps/config.py"]
+    evaluation = {p.relative_to(ROOT).as_posix() for p in stage_code.code_closure(ROOT, *common, "eps/metrics.py",
+                                                                                   shallow=common)}
+    assert {"eps/cli.py", "eps/config.py"} <= evaluation and not {"eps/train.py", "eps/gpus.py"} & evaluation
+    training = {p.relative_to(ROOT).as_posix() for p in stage_code.code_closure(ROOT, *common, "eps/train.py",
+                                                                                 shallow=common)}
+    assert "eps/gpus.py" in training  # train.py calls eps.config.choose_device, which imports it
 
 
 def write(path: Path, text: str) -> None:
@@ -70,4 +75,4 @@ def test_no_module_of_eps_imports_itself_back():
                 reached.add(f)
                 todo.extend(graph[f])
         assert start not in reached, f"{start.relative_to(ROOT)} imports itself back"
-    assert ROOT / "eps/data/voc.py" in graph[ROOT / "eps/data/index.py"]  # the graph is read, not empty
+    assert ROOT / "eps/data/voc.py" in graph[ROOT / "eps/data/build.py"]  # the graph is read, not empty

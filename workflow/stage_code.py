@@ -54,36 +54,38 @@ def module_file(root: Path, name: str) -> Path | None:
 def code_closure(root, *entries, shallow=()) -> list[Path]:
     """Every source file the entries (files or folders, relative to `root`) run, sorted.
 
-    Files in `shallow` count as themselves, their imports not followed: the command-line
-    dispatcher imports every stage, but runs only the one a rule calls.
+    Entries in `shallow` count as themselves, their imports not followed (the command-line
+    dispatcher imports every stage but runs one; the helpers every command loads hash their
+    own text), unless a stage module imports them, which follows them as any other.
     """
     root = Path(root)
     shallow = {root / rel for rel in shallow}
-    todo: list[Path] = []
+    SELF, MODULE_LEVEL, FULL = 0, 1, 2  # how much of a file runs: nothing of its imports, its import, all
+    todo: list[tuple[Path, int]] = []
     for rel in entries:
         target = root / rel
         if not target.exists():
             raise FileNotFoundError(f"{target}: a stage's code entry does not exist")
-        todo += sorted(target.rglob("*.py")) if target.is_dir() else [target]
-    # (file, whether its functions run too): a module a stage imports by name is called, a
-    # package above it is only imported (Python runs its module level, not its functions)
-    todo_full = [(path, True) for path in todo]
-    seen: dict[Path, bool] = {}
-    while todo_full:
-        path, full = todo_full.pop()
-        if seen.get(path) is True or seen.get(path) == full:
+        for path in (sorted(target.rglob("*.py")) if target.is_dir() else [target]):
+            todo.append((path, SELF if path in shallow else FULL))
+    # a module a stage imports by name is called (FULL); a package above a module is only
+    # imported (Python runs its module level, not its functions)
+    seen: dict[Path, int] = {}
+    while todo:
+        path, mode = todo.pop()
+        if seen.get(path, -1) >= mode:
             continue
-        seen[path] = full
-        names = set() if path in shallow else set(imported_modules(path, anywhere=full))
+        seen[path] = mode
+        names = set(imported_modules(path, anywhere=mode == FULL)) if mode > SELF else set()
         for name in names:
             found = module_file(root, name)
             if found is not None:
-                todo_full.append((found, True))
+                todo.append((found, FULL))
         parts = path.relative_to(root).with_suffix("").parts
         for k in range(1, len(parts)):
             found = module_file(root, ".".join(parts[:k]))
             if found is not None and found != path:
-                todo_full.append((found, False))
+                todo.append((found, MODULE_LEVEL))
     return sorted(seen)
 
 

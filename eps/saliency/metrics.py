@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from eps.data.io import atomic_path, read_ids_file, read_saliency
-from eps.errors import EpsError, file_error
+from eps.errors import file_error
 
 THRESHOLDS = 256
 VOID = 255  # the VOC label of unannotated object borders
@@ -270,9 +270,9 @@ def write_json(result: dict, out) -> Path:
     return out
 
 
-def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
+def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None, index=None) -> dict:
     """Score the maps of saliency HDF5 shards against the dataset's masks `{gt_dir}/{id}.png`
-    (or, with `gt_dir` a dict {id: path}, the masks an index records).
+    (or, with `gt_dir` a dict {id: path}, the masks the index file `index` records).
 
     Every class label counts as salient, background as not; the void band around objects
     (255) is ignored (it is not annotated either way). Images without a mask (a test split)
@@ -315,7 +315,7 @@ def evaluate_shards(shards, gt_dir, beta2: float = 0.3, ids=None) -> dict:
     result = evaluate_maps(pairs(), beta2)
     if not result["images"]:
         if by_id is not None:
-            raise EpsError("the index records no mask for any image of the saliency shards")
+            raise file_error(index or "index", "records no mask for any image of the saliency shards")
         raise file_error(gt_dir, "no mask for any image of the saliency shards")
     result["skipped"] = len(skipped)
     return result

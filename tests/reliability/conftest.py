@@ -31,7 +31,7 @@ def world(pristine_world, tmp_path) -> Path:
 @pytest.fixture
 def indexed(world, tmp_path) -> dict:
     """The private world and its index (built in-process, quickly)."""
-    from eps.data.index import build_index
+    from eps.data.build import build_index
 
     index = tmp_path / "idx" / "index.csv"
     build_index(synthetic_block(world), index)

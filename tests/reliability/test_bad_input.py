@@ -218,7 +218,7 @@ def test_listed_id_without_an_image(world, tmp_path):
 
 @pytest.mark.parametrize("when", ["before indexing", "after indexing"])
 def test_saliency_map_missing(world, tmp_path, when):
-    from eps.data.index import build_index
+    from eps.data.build import build_index
 
     sal = world / "SALImages" / f"{ID}.png"
     index = tmp_path / "idx" / "index.csv"

@@ -50,6 +50,13 @@ def validate_config():
                 raise WorkflowError(
                     f"config: {key}: {split!r} is not one of dataset.splits ({', '.join(sorted(splits))})"
                 )
+            spec = (dataset.get("splits") or {}).get(split)
+            if dataset["type"] == "coco" and not (isinstance(spec, dict) and spec.get("masks")):
+                # COCO masks are per split: without them the evaluation would fail after training
+                raise WorkflowError(
+                    f"config: {key}: split {split!r} has no masks to evaluate against "
+                    f"(dataset.splits.{split}.masks: the folder of its label PNGs)"
+                )
 
 
 validate_config()
@@ -103,17 +110,30 @@ import stage_code  # noqa: E402  (workflow/stage_code.py: the import graph of ep
 def code_hash(*entries):
     """Hash of the eps sources a stage runs (the entries and every eps module they import),
     so editing any of them reruns the stage."""
-    return stage_code.code_hash(workflow.basedir, *entries, shallow=["eps/cli.py"])
+    return stage_code.code_hash(workflow.basedir, *entries, shallow=COMMON_CODE)
 
 
+# what every command loads, hashed as its own text (a stage that imports one follows it)
 COMMON_CODE = ["eps/cli.py", "eps/config.py", "eps/errors.py", "eps/data/io.py", "eps/data/index.py"]
+
+
+CLUSTER_STAGE_THREADS = 4  # a null threads.{evaluate,crf} on a cluster run without --cores
 
 
 def stage_threads(stage):
     """threads.{stage}, or where it is null the cores of the run (evaluation and CRF jobs are
-    process pools that use every core they get; Snakemake never gives a job more than --cores)."""
+    process pools that use every core they get; Snakemake never gives a job more than --cores).
+    A cluster run may give no --cores (only --jobs): then CLUSTER_STAGE_THREADS per job."""
     value = config["threads"].get(stage)
-    return value if value else max(1, min(workflow.cores or 1, os.cpu_count() or 1))
+    if value:
+        return value
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # Snakemake 9 with a remote executor and no --cores
+        cores = None
+    if not cores:
+        cores = CLUSTER_STAGE_THREADS
+    return max(1, min(cores, os.cpu_count() or 1))
 
 
 def as_json(block):

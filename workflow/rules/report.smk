@@ -94,7 +94,7 @@ rule report_figures:
         seg_logs=" ".join(f"--seg-log {v}:{path}" for v, path in REPORT_SEG_LOGS.items()),
         masks=" ".join(f"--masks {v}:{RESULTS}/{v}/masks/{REPORT_SPLIT}/png" for v in VARIANTS),
         segmenter=f"--segmenter {RESULTS}/{REPORT_METHOD}/{SEG_NAME}/model.pt" if SEG_ENABLED else "",
-        code=code_hash(*COMMON_CODE, "eps/report.py", "eps/losses.py", "eps/train.py", "eps/segment.py", "eps/models"),
+        code=code_hash(*COMMON_CODE, "eps/report.py", "eps/predict.py", "eps/models"),  # predict: its defaults
     shell:
         "EPS_THREADS={threads} eps report-figures --index {input.index} --split {params.split} "
         "{params.metrics} {params.train_logs} {params.seg_logs} {params.masks} "
