@@ -192,7 +192,7 @@ def _chunks(ids: list[str], count: int) -> list[list[str]]:
 
 def _part(source, ids):
     """A folder as it is; of a dict {id: path}, the entries of `ids` (what one Pool task needs)."""
-    return {i: source[i] for i in ids} if isinstance(source, dict) else source
+    return {i: source[i] for i in ids if i in source} if isinstance(source, dict) else source
 
 
 def _nan_to_none(x: float):

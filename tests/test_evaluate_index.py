@@ -131,7 +131,8 @@ def test_the_workflow_evaluates_through_the_index(tiny_voc, tmp_path):
     out = dry.stdout + dry.stderr
     assert dry.returncode == 0, out
     commands = [line for line in out.splitlines() if "eps evaluate-masks" in line]
-    assert len(commands) == 5 and all("--index results/tiny/index.csv" in c for c in commands)
+    # pseudo-masks and CRF of cam and eps on train, the EPS segmenter without and with CRF on val
+    assert len(commands) == 6 and all("--index results/tiny/index.csv" in c for c in commands)
     assert "SegmentationClassAug" not in out
     run = _snakemake(["results/tiny/saliency/precomputed/metrics.json", "--cores", "1", "--configfile", str(config)],
                      tmp_path)

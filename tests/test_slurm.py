@@ -44,9 +44,12 @@ def _cluster_up() -> bool:
     return "UP" in out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster(shared_dir):
-    """A running one-node SLURM cluster with 2 fake GPUs (started here if not running)."""
+    """A running one-node SLURM cluster with 2 fake GPUs (started here if not running).
+
+    Stopped only when the session ends: with the SLURM tools installed but no controller, every
+    later `snakemake` start would wait ~9 s (the executor plugin asks `scontrol` at import)."""
     tools = shared_dir / "tools" / "local-slurm"
     start, stop = tools / "start-local-slurm.sh", tools / "stop-local-slurm.sh"
     if not start.is_file():
