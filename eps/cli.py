@@ -161,6 +161,10 @@ def cmd_evaluate_masks(a):
             raise EpsError(f"--num-classes {a.num_classes}: the index has {num_classes} classes with background")
         classes = a.classes or a.index
     else:
+        if a.split:
+            raise EpsError("evaluate-masks: --split goes with --index (with --gt, --ids names the images)")
+        if a.gt and not a.ids:
+            raise EpsError("evaluate-masks: --gt needs --ids FILE (the ids to score)")
         if not (a.gt and a.ids):
             raise EpsError("evaluate-masks: give --index and --split, or --gt DIR and --ids FILE")
         if a.num_classes is None:
@@ -428,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _params(p)
     p.set_defaults(func=cmd_train_saliency)
 
-    p = sub.add_parser("eval-saliency", help="MAE, adaptive and max F-measure, S-measure of saliency PNGs")
+    p = sub.add_parser("eval-saliency", help="MAE, adaptive and max F-measure, S-measure of saliency PNGs or shards")
     p.add_argument("--pred", default=None, help="folder of predicted maps (PNG)")
     p.add_argument("--shards", nargs="+", default=None, help="saliency HDF5 shards of a workflow run (maps per image id)")
     p.add_argument("--gt", default=None, help="folder of ground-truth masks (PNG, non-zero = salient; "

@@ -96,6 +96,8 @@ def test_evaluation_through_the_index_refuses_what_it_cannot_score(tiny_voc, tmp
         (base + ["--split", "nope"], "unknown split 'nope'"),
         (base + ["--split", "train", "--num-classes", "5"], "the index has 21 classes"),
         (base + ["--split", "train", "--pairs", '[["rail", "train"]]'], "unknown context"),
+        (base[:3] + ["--gt", str(tiny_voc), "--split", "train", "--out", str(tmp_path / "m")], "--split goes with --index"),
+        (base[:3] + ["--gt", str(tiny_voc), "--out", str(tmp_path / "m")], "--gt needs --ids"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
