@@ -120,11 +120,7 @@ def refine_cams(image: np.ndarray, maps: np.ndarray, classes, background_channel
     if len(classes) == 0:
         return np.zeros((h, w), np.uint8)
     scores = cam_scores(maps, background_channel, params)
-    scale = float(params.get("scale", 1.0))
-    if scale == 1.0:
-        q = dense_crf(image, scores, params)
-    else:
-        q = _dense_crf_scaled(image, scores, params, scale)
+    q = _dense_crf_scaled(image, scores, params, float(params.get("scale", 1.0)))
     values = np.concatenate([[0], classes + 1]).astype(np.uint8)
     return values[np.argmax(q, axis=0)]
 
@@ -148,13 +144,15 @@ def refine_probs(image: np.ndarray, probs: np.ndarray, params: dict) -> np.ndarr
     probs = np.asarray(probs, np.float32)
     keep = np.union1d([0], np.unique(np.argmax(probs, axis=0))).astype(np.int64)
     scores = probs[keep]
-    scale = check_scale(params)
-    q = dense_crf(image, scores, params) if scale == 1.0 else _dense_crf_scaled(image, scores, params, scale)
+    q = _dense_crf_scaled(image, scores, params, check_scale(params))
     return keep.astype(np.uint8)[np.argmax(q, axis=0)]
 
 
 def _dense_crf_scaled(image: np.ndarray, scores: np.ndarray, params: dict, scale: float) -> np.ndarray:
-    """dense_crf on the image and scores resized by `scale`; marginals resized back (bilinear)."""
+    """dense_crf on the image and scores resized by `scale`; marginals resized back (bilinear).
+    At scale 1 that is dense_crf itself."""
+    if scale == 1.0:
+        return dense_crf(image, scores, params)
     import cv2
 
     h, w = image.shape[:2]

@@ -3,8 +3,11 @@ applies agree, so a key left out of the config means the same in the workflow an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
+from tiny_workflow import snakemake
 
 from eps.config import INFER_DEFAULTS, MASK_DEFAULTS, SCHEMA, TRAIN_DEFAULTS
 from eps.crf import CRF_DEFAULTS
@@ -45,10 +48,6 @@ def test_schema_defaults_are_the_commands_defaults(name):
 def test_one_key_for_the_background_threshold(tmp_path):
     """pseudo_masks.bg_threshold is also the CRF's: the old crf.bg_threshold is refused by name,
     and the crf jobs receive the pseudo-mask threshold."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["pseudo_masks"]["bg_threshold"] = 0.35
@@ -56,9 +55,8 @@ def test_one_key_for_the_background_threshold(tmp_path):
     def dry_run():
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "-s",
-                               str(root / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(path)],
-                              capture_output=True, text=True, timeout=300)
+        proc = snakemake(["-n", "-p", "--cores", "1", "-s", str(root / "Snakefile"), "--directory", str(tmp_path),
+                          "--configfile", str(path)], timeout=300)
         return proc.returncode, proc.stdout + proc.stderr
 
     code, out = dry_run()
@@ -70,17 +68,12 @@ def test_one_key_for_the_background_threshold(tmp_path):
 
 
 def test_a_coco_split_is_evaluated_only_with_its_masks(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((root / "configs" / "coco14.yaml").read_text())
     cfg["dataset"]["splits"]["val"] = "val2014"  # images only: labels from the instances JSON
     path = tmp_path / "coco.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(root / "Snakefile"),
-                           "--directory", str(tmp_path), "--configfile", str(path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = snakemake(["-n", "--cores", "1", "-s", str(root / "Snakefile"), "--directory", str(tmp_path),
+                      "--configfile", str(path)], timeout=300)
     assert proc.returncode != 0
     assert "evaluation.splits: split 'val' has no masks" in proc.stdout + proc.stderr

@@ -4,12 +4,11 @@ a VOC folder with only SegmentationClass, COCO label PNGs, a folder dataset with
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+from tiny_workflow import snakemake
 
 from eps.cli import main
 from eps.data.build import build_index
@@ -114,11 +113,7 @@ def test_evaluation_through_the_index_refuses_what_it_cannot_score(tiny_voc, tmp
 
 
 def _snakemake(args, cwd):
-    import os
-
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"),
-                           "--directory", str(cwd)], capture_output=True, text=True, timeout=600, env=env)
+    return snakemake([*args, "-s", str(ROOT / "Snakefile"), "--directory", str(cwd)], cwd=cwd)
 
 
 def test_the_workflow_evaluates_through_the_index(tiny_voc, tmp_path):

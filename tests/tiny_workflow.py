@@ -1,14 +1,25 @@
-"""A private copy of the workflow and a tiny config over it, for the slow end-to-end tests
-(tests/test_staleness.py, tests/test_slurm.py)."""
+"""Running snakemake from the tests, a private copy of the workflow and a tiny config over it
+(tests/test_workflow.py, test_evaluate_index.py, test_config_schema.py, test_staleness.py,
+test_slurm.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def snakemake(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m snakemake ARGS` in `cwd`, with this Python's bin first on PATH (the rules call `eps`)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def copy_workflow(dest: Path) -> Path:

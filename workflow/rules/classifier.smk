@@ -22,7 +22,7 @@ rule train_classifier:
     params:
         classifier=lambda w: as_json(variant_params(w.variant)),
         split=config["train_split"],
-        code=code_hash(*COMMON_CODE, "eps/train.py", "eps/losses.py", "eps/models"),
+        code=code_hash("eps/train.py", "eps/losses.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps train-classifier --index {input.index} --split {params.split} "
         "--saliency {input.saliency} --params {params.classifier:q} --out {output.model} > {log} 2>&1"

@@ -1,5 +1,4 @@
 # Validation, shard helpers and parameter hashing shared by every rule.
-import hashlib
 import json
 import os
 import shlex
@@ -108,9 +107,9 @@ import stage_code  # noqa: E402  (workflow/stage_code.py: the import graph of ep
 
 
 def code_hash(*entries):
-    """Hash of the eps sources a stage runs (the entries and every eps module they import),
-    so editing any of them reruns the stage."""
-    return stage_code.code_hash(workflow.basedir, *entries, shallow=COMMON_CODE)
+    """Hash of the eps sources a stage runs (COMMON_CODE, the entries and every eps module they
+    import), so editing any of them reruns the stage."""
+    return stage_code.code_hash(workflow.basedir, *COMMON_CODE, *entries, shallow=COMMON_CODE)
 
 
 # what every command loads, hashed as its own text (a stage that imports one follows it)
@@ -180,7 +179,7 @@ SALIENCY_CODE = {m: [f"eps/saliency/{m}.py"] for m in ("classical", "usps", "pfa
 
 
 def saliency_code(method):
-    return code_hash(*COMMON_CODE, "eps/saliency/__init__.py", *SALIENCY_CODE[method])
+    return code_hash("eps/saliency/__init__.py", *SALIENCY_CODE[method])
 
 
 def saliency_weights(wildcards):

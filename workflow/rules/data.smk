@@ -13,7 +13,7 @@ rule synth:
     params:
         synth=as_json(config["synth"]),
         out=subpath(output.meta, parent=True),
-        code=code_hash(*COMMON_CODE, "eps/data/synthetic.py"),
+        code=code_hash("eps/data/synthetic.py"),
     shell:
         "eps synth --out {params.out} --params {params.synth:q} > {log} 2>&1"
 
@@ -33,6 +33,6 @@ rule index:
         "../../envs/eps.yaml"
     params:
         dataset=as_json(dataset_block()),
-        code=code_hash(*COMMON_CODE, "eps/data"),
+        code=code_hash("eps/data"),
     shell:
         "eps index --dataset {params.dataset:q} --out {output.csv} > {log} 2>&1"

@@ -25,7 +25,7 @@ rule evaluate_saliency:
     conda:
         "../../envs/eps.yaml"
     params:
-        code=code_hash(*COMMON_CODE, "eps/saliency/metrics.py"),
+        code=code_hash("eps/saliency/metrics.py"),
     shell:
         "eps eval-saliency --shards {input.shards} --index {input.index} --out {output} > {log} 2>&1"
 
@@ -53,7 +53,7 @@ rule evaluate_masks:
         pairs=pairs_args(),
         boundary=BOUNDARY_ARGS,
         out=subpath(output.metrics, parent=True),
-        code=code_hash(*COMMON_CODE, "eps/metrics.py"),
+        code=code_hash("eps/metrics.py"),
     shell:
         "eps evaluate-masks --pred {input.pred} --index {input.index} --split {wildcards.split} "
         "{params.pairs} {params.boundary} "
@@ -91,6 +91,6 @@ rule summary:
         entries=" ".join(
             f"--entry {v}:{stage}:{RESULTS}/{v}/{stage}/{split}/metrics.json" for v, stage, split in SUMMARY_ENTRIES
         ),
-        code=code_hash(*COMMON_CODE, "eps/summary.py"),
+        code=code_hash("eps/summary.py"),
     shell:
         "eps summary {params.entries} --out {output} > {log} 2>&1"

@@ -18,7 +18,7 @@ rule infer_cams:
         gpu=1,
     params:
         infer=as_json(with_device(config["infer"])),
-        code=code_hash(*COMMON_CODE, "eps/infer.py", "eps/train.py", "eps/models"),
+        code=code_hash("eps/infer.py", "eps/train.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps infer-cams --index {input.index} --classifier {input.classifier} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.infer:q} "
@@ -39,7 +39,7 @@ rule pseudo_masks:
     params:
         masks=as_json(config["pseudo_masks"]),
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+        code=code_hash("eps/infer.py"),
     shell:
         "eps pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
 
@@ -57,6 +57,6 @@ rule export_masks:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+        code=code_hash("eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"

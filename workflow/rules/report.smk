@@ -41,7 +41,7 @@ rule report_tables:
     conda:
         "../../envs/eps.yaml"
     params:
-        code=code_hash(*COMMON_CODE, "eps/report.py"),
+        code=code_hash("eps/report.py"),
     shell:
         "eps report-tables --summary {input} --out {output.md} --html {output.html} > {log} 2>&1"
 
@@ -94,7 +94,7 @@ rule report_figures:
         seg_logs=" ".join(f"--seg-log {v}:{path}" for v, path in REPORT_SEG_LOGS.items()),
         masks=" ".join(f"--masks {v}:{RESULTS}/{v}/masks/{REPORT_SPLIT}/png" for v in VARIANTS),
         segmenter=f"--segmenter {RESULTS}/{REPORT_METHOD}/{SEG_NAME}/model.pt" if SEG_ENABLED else "",
-        code=code_hash(*COMMON_CODE, "eps/report.py", "eps/predict.py", "eps/models"),  # predict: its defaults
+        code=code_hash("eps/report.py", "eps/predict.py", "eps/models"),  # predict: its defaults
     shell:
         "EPS_THREADS={threads} eps report-figures --index {input.index} --split {params.split} "
         "{params.metrics} {params.train_logs} {params.seg_logs} {params.masks} "

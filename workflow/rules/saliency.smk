@@ -20,7 +20,7 @@ rule train_saliency:
         train=as_json(config["saliency"]["train"]),
         split=config["train_split"],
         device=config["device"],
-        code=code_hash(*COMMON_CODE, "eps/saliency/training.py", "eps/saliency/usps.py"),
+        code=code_hash("eps/saliency/training.py", "eps/saliency/usps.py"),
     shell:
         "EPS_THREADS={threads} eps train-saliency --method usps --index {input.index} --split {params.split} "
         "--params {params.train:q} --device {params.device} --out {output} > {log} 2>&1"

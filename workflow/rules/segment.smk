@@ -60,7 +60,7 @@ rule crf:
     params:
         crf=as_json(CRF),
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/crf.py"),
+        code=code_hash("eps/crf.py"),
     shell:
         "eps crf --cams {input.cams} --index {input.index} --dataset {params.dataset} "
         "--params {params.crf:q} --workers {threads} --out {output} > {log} 2>&1"
@@ -82,7 +82,7 @@ rule export_crf:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+        code=code_hash("eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
@@ -114,7 +114,7 @@ rule train_segmenter:
             {**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"} if SEG_FROM_CLASSIFIER else SEG_TRAIN
         ),
         split=config["train_split"],
-        code=code_hash(*COMMON_CODE, "eps/segment.py", "eps/train.py", "eps/models"),
+        code=code_hash("eps/segment.py", "eps/train.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
         "--split {params.split} --params {params.segmenter:q} --out {output.model} > {log} 2>&1"
@@ -144,7 +144,7 @@ rule predict:
         crf=lambda w, output: (
             f"--crf {shlex.quote(as_json(CRF))} --crf-out {shlex.quote(str(output.crf))}" if SEG_CRF else ""
         ),
-        code=code_hash(*COMMON_CODE, "eps/predict.py", "eps/models"),
+        code=code_hash("eps/predict.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps predict --index {input.index} --model {input.model} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.predict:q} "
@@ -168,7 +168,7 @@ rule export_predictions:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+        code=code_hash("eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
@@ -195,7 +195,7 @@ rule server_export:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash(*COMMON_CODE, "eps/infer.py"),
+        code=code_hash("eps/infer.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
