@@ -172,6 +172,7 @@ def eps_masks(model, items, params: dict, device, background: bool, thr: float, 
     """eps.infer's stage path: read images, batched multi-scale CAMs -> HDF5 shard -> mask shard.
 
     Returns the two shard paths; `read_eps` reads them back, outside the timing."""
+    from eps.config import autocast_dtype
     from eps.data.io import atomic_h5, read_image
     from eps.infer import iter_cam_parts, pseudo_masks, write_cams
 
@@ -179,9 +180,9 @@ def eps_masks(model, items, params: dict, device, background: bool, thr: float, 
     images = [read_image(p) for _, p, _ in items]
     labels = np.stack([lab for _, _, lab in items])
     cams_path, masks_path = work / "cams.h5", work / "masks.h5"
-    amp = bool(params["amp"]) and device.type == "cuda"
+    autocast = autocast_dtype(params.get("precision", "float32"), device, "--precision", bool(params["amp"]))
     with atomic_h5(cams_path, "eps.cams", "bench") as f:
-        for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, amp,
+        for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, autocast,
                                                 keep_background=False):
             write_cams(f, ids[k], parts, present, False, images[k].shape[:2])
     pseudo_masks(cams_path, masks_path, "bench", {"bg_threshold": thr})

@@ -39,6 +39,7 @@ TRAIN_DEFAULTS = {
     "num_workers": 0,
     "device": "auto",
     "gpus": 1,  # > 1: DistributedDataParallel over this many processes (one GPU each; gloo on CPU)
+    "precision": "float32",  # bf16: the forward under bfloat16 autocast (CPUs with AVX-512 BF16 / AMX, GPUs)
 }
 
 INFER_DEFAULTS = {
@@ -46,7 +47,8 @@ INFER_DEFAULTS = {
     "flip": True,
     "batch_size": 8,
     "device": "auto",
-    "amp": False,
+    "amp": False,  # CUDA only: float16 autocast
+    "precision": "float32",  # bf16: bfloat16 autocast (CPUs with AVX-512 BF16 / AMX, GPUs); wins over amp
     "keep_background": False,  # store the EPS background map too (no eps stage reads it)
 }
 
@@ -135,6 +137,38 @@ def choose_device(name: str = "auto"):
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise EpsError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N)")
     return torch.device(name)
+
+
+PRECISIONS = ("float32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them bfloat16 runs on emulated kernels, slower than float32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(precision: str, device, key: str, amp: bool = False):
+    """The autocast dtype of a stage: bfloat16 for `bf16`, float16 for `amp` on CUDA, else None.
+
+    `bf16` where the hardware has no bfloat16 arithmetic is refused in one line rather than
+    run slowly (`key` names the config key in the message)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise EpsError(f"{key}: unknown value {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if precision == "bf16":
+        if device.type == "cpu" and not cpu_has_bf16():
+            raise EpsError(f"{key}: bf16 needs a CPU with AVX-512 BF16 or AMX instructions and this one has "
+                           "neither (bfloat16 would run slower than float32 here); use float32")
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise EpsError(f"{key}: bf16 is not supported by this GPU; use float32 (or amp)")
+        return torch.bfloat16
+    if amp and device.type == "cuda":
+        return torch.float16
+    return None
 
 
 def env_threads() -> int | None:

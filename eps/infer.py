@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from eps.progress import progress
 
-from eps.config import choose_device, set_threads
+from eps.config import autocast_dtype, choose_device, set_threads
 from eps.data.index import labels_of, parse_scatteritem, read_classes, read_index, shard_rows, split_rows
-from eps.data.io import atomic_h5, open_h5, read_image, write_index_png
+from eps.data.io import atomic_h5, image_size, open_h5, read_image, write_index_png
 from eps.errors import EpsError
 from eps.train import MEAN, STD, load_classifier
 
@@ -71,7 +71,7 @@ def _forward_parts(x: torch.Tensor):
 
 
 @torch.inference_mode()
-def multiscale_parts(model, images: torch.Tensor, scales, flip: bool, background: bool, amp: bool = False,
+def multiscale_parts(model, images: torch.Tensor, scales, flip: bool, background: bool, autocast=None,
                      channels=None) -> list:
     """Class maps at each scale, at CAM resolution: one (N, K, h_s, w_s) float32 tensor per scale.
 
@@ -84,6 +84,7 @@ def multiscale_parts(model, images: torch.Tensor, scales, flip: bool, background
 
     `channels` (indices into the K maps): only these are kept, in this
     order, and the results have len(channels) maps; the softmax still spans all K.
+    `autocast` (a dtype, `eps.config.autocast_dtype`): the forward under autocast to it.
     """
     n, _, h, w = images.shape
     pixels = images.dtype == torch.uint8
@@ -104,7 +105,7 @@ def multiscale_parts(model, images: torch.Tensor, scales, flip: bool, background
         batch[:n] = x
         if flip:
             batch[n:] = x.flip(-1)
-        with torch.autocast(device_type=x.device.type, enabled=amp):
+        with torch.autocast(device_type=x.device.type, dtype=autocast, enabled=autocast is not None):
             pieces = _forward_parts(batch)
             cam = model.forward_cam(batch) if len(pieces) == 1 else torch.cat([model.forward_cam(q) for q in pieces], 0)
         cam = cam.float().contiguous()  # softmax over channels runs 2x faster on NCHW than channels-last
@@ -134,10 +135,10 @@ def upsample_sum(parts, size) -> torch.Tensor:
     return total
 
 
-def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background: bool, amp: bool = False,
+def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background: bool, autocast=None,
                     channels=None) -> torch.Tensor:
     """Sum of class maps over scales (and flips) at input size: (N, K, H, W) float32 (`multiscale_parts`)."""
-    parts = multiscale_parts(model, images, scales, flip, background, amp, channels)
+    parts = multiscale_parts(model, images, scales, flip, background, autocast, channels)
     return upsample_sum(parts, images.shape[-2:])
 
 
@@ -156,9 +157,10 @@ def prepare_model(model, device):
     return model.to(device).eval().to(memory_format=torch.channels_last)
 
 
-def iter_cam_parts(model, images, labels, params: dict, background: bool, device, amp: bool = False,
+def iter_cam_parts(model, images, labels, params: dict, background: bool, device, autocast=None,
                    keep_background: bool = True):
-    """Yield `(k, parts, present)` for every image `images[k]` (uint8 RGB (H, W, 3)), in batch order.
+    """Yield `(k, parts, present)` for every image `images[k]` (uint8 RGB (H, W, 3), or its file:
+    read a batch at a time, so a shard's memory does not grow with its images), in batch order.
 
     Images of equal size are batched (`params["batch_size"]` at a time, with their flips);
     `parts` are the image's per-scale maps at CAM resolution (`multiscale_parts`, float32
@@ -169,20 +171,21 @@ def iter_cam_parts(model, images, labels, params: dict, background: bool, device
     keep = background and keep_background
     by_size = defaultdict(list)
     for k, image in enumerate(images):
-        by_size[image.shape[:2]].append(k)
+        by_size[image.shape[:2] if isinstance(image, np.ndarray) else image_size(image)].append(k)
     batch_size = int(params["batch_size"])
     for _, members in sorted(by_size.items()):
         for b in range(0, len(members), batch_size):
             chunk = members[b:b + batch_size]
             # (N, H, W, 3) uint8 viewed as (N, 3, H, W): channels-last, no copy
-            pixels = torch.from_numpy(np.stack([images[k] for k in chunk])).permute(0, 3, 1, 2)
+            batch = [images[k] if isinstance(images[k], np.ndarray) else read_image(images[k]) for k in chunk]
+            pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
             # only the maps the shard keeps: the labelled classes of the batch (and the
             # background map, last)
             wanted = sorted({int(c) for k in chunk for c in np.flatnonzero(labels[k])})
             if keep:
                 wanted.append(int(labels.shape[1]))
             parts = [p.cpu().numpy() for p in multiscale_parts(model, pixels.to(device), params["scales"],
-                                                                 params["flip"], background, amp, channels=wanted)]
+                                                                 params["flip"], background, autocast, channels=wanted)]
             where = {c: i for i, c in enumerate(wanted)}
             for j, k in enumerate(chunk):
                 present = np.flatnonzero(labels[k])
@@ -213,17 +216,18 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
     if meta["num_classes"] != len(info["classes"]):
         raise EpsError(f"{classifier}: trained for {meta['num_classes']} classes, dataset has {len(info['classes'])}")
     background = bool(meta["background"])
-    amp = bool(params["amp"]) and device.type == "cuda"
+    autocast = autocast_dtype(params["precision"], device, "infer.precision", bool(params["amp"]))
     model = prepare_model(model, device)
 
     ids = list(rows["id"])
-    images = [read_image(p) for p in rows["image"]]
+    images = list(rows["image"])  # files: read a batch at a time by iter_cam_parts
+    sizes = [image_size(p) for p in images]
     out = Path(out)
     with atomic_h5(out, "eps.cams", info["dataset"]) as f:
         with progress(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
             keep = background and bool(params["keep_background"])
-            for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, amp, keep):
-                write_cams(f, ids[k], parts, present, keep, images[k].shape[:2])
+            for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, autocast, keep):
+                write_cams(f, ids[k], parts, present, keep, sizes[k])
                 bar.update(1)
     return out
 

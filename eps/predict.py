@@ -15,7 +15,7 @@ import torch
 
 from eps.config import choose_device, set_threads
 from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows, split_rows
-from eps.data.io import atomic_h5, read_image, read_index_png, write_index_png
+from eps.data.io import atomic_h5, image_size, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
 from eps.progress import progress
 from eps.segment import load_segmenter, multiscale_probs
@@ -76,11 +76,11 @@ def predict(index_csv, model_path, out, split: str, scatteritem: str, params: di
     amp = bool(params["amp"]) and device.type == "cuda"
     n = meta["num_classes"]
     ids = list(rows["id"])
-    images = {i: read_image(p) for i, p in zip(rows["id"], rows["image"])}
+    files = dict(zip(rows["id"], rows["image"]))  # read a batch at a time: memory flat in the shard's size
     gts = dict(zip(rows["id"], rows["mask"]))
     by_size = defaultdict(list)
     for k, image_id in enumerate(ids):
-        by_size[images[image_id].shape[:2]].append(k)
+        by_size[image_size(files[image_id])].append(k)
 
     hist = np.zeros((n, n), np.int64)
     hist_crf = np.zeros((n, n), np.int64)
@@ -92,6 +92,7 @@ def predict(index_csv, model_path, out, split: str, scatteritem: str, params: di
     for _, members in sorted(by_size.items()):
         for b in range(0, len(members), step):
             chunk = [ids[k] for k in members[b:b + step]]
+            images = {i: read_image(files[i]) for i in chunk}
             batch = torch.from_numpy(np.stack([normalize(images[i]) for i in chunk])).to(device)
             probs = multiscale_probs(model, batch, params["scales"], params["flip"], amp).cpu().numpy()
             masks = probs.argmax(axis=1).astype(np.uint8)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from eps.progress import progress
 
-from eps.config import choose_device, set_threads, write_json
+from eps.config import autocast_dtype, choose_device, set_threads, write_json
 from eps.data.index import labels_of, read_classes, read_index, split_rows
 from eps.data.io import atomic_path, open_h5, read_image
 from eps.errors import EpsError
@@ -319,6 +319,7 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
     eps_loss = params["loss"] == "eps"
     work = out.parent / "checkpoints"
     lead = rank == 0
+    autocast = autocast_dtype(params["precision"], device, "classifier.precision")
     torch.manual_seed(params["seed"])
     model = build_classifier(params["backbone"], len(job.classes), background=eps_loss)
     if params["backbone"] in PACKAGED_WEIGHTS:
@@ -372,7 +373,9 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
             lr = set_poly_lr(optimizer, step, total, params["poly_power"])
             image = item["image"].to(device)
             label = item["label"].to(device)
-            logits, cam = net(image)
+            with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
+                logits, cam = net(image)
+            logits, cam = logits.float(), cam.float()  # the losses in float32
             loss_cls = classification_loss(logits, label)
             loss_sal = torch.zeros((), device=device)
             fg_share = ""

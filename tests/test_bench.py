@@ -40,7 +40,7 @@ def run_or_skip(name: str, *args: str) -> str:
 
 def test_the_benchmarks_of_docs_benchmarks_md_exist():
     scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
-    assert {"infer_cams", "evaluate_masks", "crf", "train_step", "disk", "ceiling", "saliency_ecssd"} <= scripts
+    assert {"infer_cams", "evaluate_masks", "crf", "train_step", "disk", "ceiling", "saliency_ecssd", "precision"} <= scripts
 
 
 def test_infer_cams_quick():
@@ -86,3 +86,9 @@ def test_saliency_ecssd_quick():
 def test_lite0_quick():
     out = run_script("lite0")
     assert "training step os8" in out and "CRF at scale 0.5" in out
+
+
+def test_precision_quick():
+    out = run_script("precision", "--force")
+    assert "pseudo-masks agree on" in out and "training step" in out
+    assert "bf16 / float32 small inference" in out.splitlines()[-1]

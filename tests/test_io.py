@@ -90,3 +90,18 @@ def test_h5_shard_checks(tmp_path):
         io.open_h5(path, "eps.cams")
     with pytest.raises(EpsError, match="dataset"):
         io.open_h5(path, "eps.masks", "other")
+
+
+def test_image_size_reads_the_header_only_and_matches_the_decoded_image(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, mode in (("a.jpg", "RGB"), ("b.png", "L")):
+        pixels = rng.integers(0, 256, (37, 53, 3) if mode == "RGB" else (37, 53)).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name)
+        assert io.image_size(tmp_path / name) == io.read_image(tmp_path / name).shape[:2] == (37, 53)
+    (tmp_path / "c.jpg").write_text("not an image")
+    with pytest.raises(EpsError, match=r"c\.jpg: cannot read the image header"):
+        io.image_size(tmp_path / "c.jpg")
+    with pytest.raises(EpsError, match=r"d\.jpg: file not found"):
+        io.image_size(tmp_path / "d.jpg")

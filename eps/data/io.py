@@ -129,6 +129,20 @@ def read_image(path) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def image_size(path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, nothing decoded: stages group a shard's images
+    by size without holding them all in memory (`read_image` gives the same shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise file_error(path, "file not found" if not path.exists() else "not a file")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise file_error(path, f"cannot read the image header ({type(exc).__name__}: {exc})") from None
+    return height, width
+
+
 def read_index_png(path) -> np.ndarray:
     """Read an index mask (palette or grayscale PNG) as uint8 (H, W), values kept as stored."""
     img = _open(path)

@@ -1,0 +1,132 @@
+"""bfloat16 against float32 on a CPU: CAM inference and a classifier training step, side by side.
+
+For each backbone (``efficientnet_lite0`` with the installed ImageNet weights, ``resnet38``
+seeded at random: speed and agreement do not depend on training), in one process:
+
+- CAM inference as the ``infer_cams`` stage runs it (``eps.infer.iter_cam_parts``, scales
+  0.5 / 0.75 with flips, one image at a time) under ``precision: float32`` and ``bf16``:
+  images per second, and the share of pseudo-mask pixels (official rule, threshold 0.20)
+  on which the two agree;
+- a training step (forward, backward, SGD step; batch 8, EPS head) in both precisions.
+
+Photos: the first ``--images`` of ``../shared/data/voc12_photos`` train with their labels
+(random pixels with ``--quick``). On a CPU without AVX-512 BF16 or AMX the stages refuse
+``bf16``; so does this script (its summary says why), unless ``--force``, which measures
+bfloat16 on the emulated kernels to show what the refusal saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def photos(count: int, quick: bool):
+    """[(uint8 image, 20-dim multi-hot)] of real VOC photos, or random pixels."""
+    from eps.data.io import read_image
+
+    shared = _common.shared_dir()
+    root = shared / "data" / "voc12_photos" if shared else None
+    if quick or root is None or not root.is_dir():
+        rng = np.random.default_rng(0)
+        return [(rng.integers(0, 256, (48, 64, 3)).astype(np.uint8), np.eye(20)[[11, 14][k % 2]])
+                for k in range(count)]
+    labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:count]
+    return [(read_image(root / "JPEGImages" / f"{i}.jpg"), np.asarray(labels[i])) for i in ids]
+
+
+def masks(model, items, autocast) -> list:
+    from eps.infer import iter_cam_parts, mask_from_maps, maps_from_parts
+
+    images = [image for image, _ in items]
+    labels = np.stack([label for _, label in items])
+    params = {"scales": [0.5, 0.75], "flip": True, "batch_size": 1}
+    out = [None] * len(items)
+    with torch.no_grad():
+        for k, parts, present in iter_cam_parts(model, images, labels, params, True, torch.device("cpu"),
+                                                autocast, keep_background=False):
+            maps = maps_from_parts(parts, images[k].shape[:2], False)
+            out[k] = mask_from_maps(maps, present, False, 0.20)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny inputs, one repeat (the test suite)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = the cores)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet38"])
+    parser.add_argument("--force", action="store_true", help="measure bf16 even on a CPU without it (emulated)")
+    args = parser.parse_args(argv)
+    _common.set_threads(args.threads)
+    _common.header("precision", argv=argv)
+    from eps.config import cpu_has_bf16
+    from eps.infer import prepare_model
+    from eps.models import build_classifier
+    from eps.models.efficientnet import load_lite0
+    from eps.train import make_optimizer
+
+    has = cpu_has_bf16()
+    print(f"CPU bfloat16 instructions (AVX-512 BF16 or AMX): {'yes' if has else 'no'}")
+    if not has and not args.force:
+        _common.summary("precision: skipped (this CPU has no AVX-512 BF16 or AMX: eps refuses bf16 here; "
+                        "--force measures the emulated kernels)")
+        return
+    quick = args.quick
+    repeats = 1 if quick else args.repeats
+    items = photos(2 if quick else args.images, quick)
+    crop = 32 if quick else args.crop
+    backbones = ["small"] if quick else args.backbones
+    results = []
+    for name in backbones:
+        torch.manual_seed(0)
+        model = build_classifier(name, 20, background=True)
+        if name.startswith("efficientnet_lite0"):
+            load_lite0(model._backbone)
+        model = prepare_model(model, torch.device("cpu"))
+        runs = {"float32": None, "bf16": torch.bfloat16}
+        got = {}
+        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(model, items, d)))
+                                     for k, d in runs.items()}, repeats)
+        agree = sum(int((a == b).sum()) for a, b in zip(got["float32"], got["bf16"]))
+        agree /= sum(a.size for a in got["float32"])
+        speed = {k: len(items) / _common.median(t) for k, t in times.items()}
+
+        model.train()
+        optimizer = make_optimizer(model, {"lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9})
+        batch = torch.randn(8, 3, crop, crop).to(memory_format=torch.channels_last)
+        target = torch.zeros(8, 20)
+        target[:, 11] = 1
+
+        def step(dtype):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                logits, _ = model(batch)
+            loss = torch.nn.functional.multilabel_soft_margin_loss(logits.float()[:, :-1], target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps = _common.interleaved({k: (lambda d=d: step(d)) for k, d in runs.items()}, repeats)
+        infer_x = speed["bf16"] / speed["float32"]
+        step_x = _common.median(steps["float32"]) / _common.median(steps["bf16"])
+        print(f"{name}: CAM inference float32 {speed['float32']:.2f} images/s, bf16 {speed['bf16']:.2f} "
+              f"({infer_x:.2f}x), pseudo-masks agree on {100 * agree:.2f}% of pixels")
+        print(f"{name}: training step (batch 8, crop {crop}) float32 {_common.fmt_times(steps['float32'])}; "
+              f"bf16 {_common.fmt_times(steps['bf16'])} ({step_x:.2f}x)")
+        results.append(f"{name} inference {infer_x:.2f}x ({100 * agree:.2f}% agree), step {step_x:.2f}x")
+    emulated = "" if has else " (emulated bfloat16: this CPU has no AVX-512 BF16 or AMX)"
+    _common.summary("precision: bf16 / float32 " + "; ".join(results) + emulated)
+
+
+if __name__ == "__main__":
+    main()
