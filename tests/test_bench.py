@@ -92,3 +92,18 @@ def test_precision_quick():
     out = run_script("precision", "--force")
     assert "pseudo-masks agree on" in out and "training step" in out
     assert "bf16 / float32 small inference" in out.splitlines()[-1]
+
+
+def test_voc_scale_builds_the_dataset_and_its_dag(tmp_path):
+    out = run_or_skip("voc_scale", "--dry-run-only", "--out", str(tmp_path))
+    root = tmp_path / "data" / "voc_scale_16"
+    train = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    val = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert (len(train), len(val)) == (14, 2)  # the train_aug : val proportion of 16
+    from PIL import Image
+
+    for image_id in train + val:  # each photo has its official mask's geometry
+        with Image.open(root / "JPEGImages" / f"{image_id}.jpg") as img, \
+                Image.open(root / "SegmentationClassAug" / f"{image_id}.png") as mask:
+            assert img.size == mask.size
+    assert "snakemake -n:" in out and "(shards 2)" in out
