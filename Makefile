@@ -6,6 +6,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
+# pytest workers of `make test` / `make test-slow` (pytest-xdist; 0 = in one process)
+TEST_WORKERS ?= 2
 # Rules call the `eps` command: put the virtual environment's bin first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -22,10 +24,10 @@ demo: $(BIN)/eps
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
 
 test: $(BIN)/eps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: $(BIN)/eps
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
 
 lint: $(BIN)/eps
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@ sizes, masks and image-level labels of VOC 2012 train_aug + val.
 The photos are not at hand, so the pixels are made from the official masks (each class a
 colour, with seeded per-pixel texture; void grey): ``../shared/data/voc12_masks`` holds all
 12,031 masks and the label file. ``--images N`` takes the first N ids in the proportion of
-train_aug to val (10,582 : 1,449); without it, all of them. The dataset is written once
+train_aug to val (10,582 : 1,449; default 1,000); ``--images 0``, all of them. The dataset is written once
 under ``--out`` (JPEG, quality 90; the masks folder is a link to the shared one).
 
 The run is the workflow itself (``snakemake --cores C``) with the ``configs/voc12_cpu.yaml``
@@ -145,8 +145,9 @@ def disk_bytes(results: Path, folder: str, variants) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="the first N ids (default: all 12,031)")
-    parser.add_argument("--out", type=Path, default=Path("bench_voc_scale"), help="dataset and run folder")
+    parser.add_argument("--images", type=int, default=1000, help="the first N ids; 0 = all 12,031 (hours on 2 cores)")
+    parser.add_argument("--out", type=Path, default=_common.ROOT / "results" / "bench_voc_scale",
+                        help="dataset and run folder")
     parser.add_argument("--shards", type=int, default=8, help="jobs per per-image stage")
     parser.add_argument("--cores", type=int, default=0, help="snakemake --cores (0 = the usable cores)")
     parser.add_argument("--iterations", type=int, default=20, help="classifier iterations (short: speed only)")
@@ -161,6 +162,7 @@ def main(argv=None) -> None:
     if shared is None or not (shared / "data" / "voc12_masks" / "metadata").is_dir():
         _common.summary("voc_scale: skipped (../shared/data/voc12_masks not found)")
         return
+    args.images = args.images or None
     size = args.images or sum(FULL)
     name = f"voc_scale_{size}"
     work = args.out.resolve()
