@@ -117,14 +117,15 @@ def snakemake(args, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
     return time.perf_counter() - t0, proc
 
 
-def bench_rows(results: Path) -> dict:
-    """rule -> {jobs, wall, cpu, rss}: the benchmark files of the run, summed per rule."""
-    out: dict[str, dict] = {}
+def bench_rows(results: Path, variants) -> dict:
+    """(rule, variant or "") -> {jobs, wall, cpu, rss}: the run's benchmark files, summed."""
+    out: dict[tuple, dict] = {}
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
-        rule = tsv.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
+        parts = tsv.relative_to(results / "benchmarks").with_suffix("").parts
+        variant = parts[1] if len(parts) > 1 and parts[1] in variants else ""
         with open(tsv) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
-        acc = out.setdefault(rule, {"jobs": 0, "wall": 0.0, "cpu": 0.0, "rss": 0.0})
+        acc = out.setdefault((parts[0], variant), {"jobs": 0, "wall": 0.0, "cpu": 0.0, "rss": 0.0})
         acc["jobs"] += 1
         acc["wall"] += float(row["s"])
         acc["cpu"] += float(row["cpu_time"])
@@ -132,15 +133,9 @@ def bench_rows(results: Path) -> dict:
     return out
 
 
-def disk_bytes(results: Path, folder: str, variants) -> int:
-    total = 0
-    for v in variants:
-        base = results / folder.format(v=v)
-        if base.is_dir():
-            total += sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
-        if "{v}" not in folder:
-            break
-    return total
+def disk_bytes(results: Path, folder: str, variant: str) -> int:
+    base = results / folder.format(v=variant)
+    return sum(p.stat().st_size for p in base.rglob("*") if p.is_file()) if base.is_dir() else 0
 
 
 def main(argv=None) -> None:
@@ -188,27 +183,32 @@ def main(argv=None) -> None:
     wall, proc = snakemake([*target, *common], run)
     if proc.returncode != 0:
         sys.exit(f"voc_scale: the run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    record = work / f"{name}.json"
+    if "Nothing to be done" in proc.stdout + proc.stderr and record.is_file():
+        old = json.loads(record.read_text())  # a finished run: its table again
+        wall, jobs = old["wall"], old["jobs"]
     results = run / "results" / name
-    rows = bench_rows(results)
+    rows = bench_rows(results, args.variants)
     print(f"whole run: {wall:.0f} s wall on {cores} cores")
-    print("| stage | jobs | images | CPU-s per image | images per wall-s (summed over jobs) | peak RSS (MB) "
-          "| bytes on disk per image |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for rule in ("index", "saliency", "train_classifier", *[r for r in STAGES if r != "saliency"]):
-        if rule not in rows:
+    print("| stage | variant | jobs | images | CPU-s per image | images per wall-s (summed over jobs) "
+          "| peak RSS (MB) | bytes on disk per image |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    order = ["index", "saliency", "train_classifier", *[r for r in STAGES if r != "saliency"]]
+    for (rule, variant), r in sorted(rows.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
+                                                                   else len(order), kv[0][1])):
+        if rule not in order:
             continue
-        r = rows[rule]
-        count = n_train + n_val if rule in ("index", "saliency") else n_train * len(args.variants)
+        if rule == "train_classifier":  # a fixed cost: iterations, not images
+            print(f"| {rule} | {variant} | {r['jobs']} | fixed | fixed | | {r['rss']:.0f} | |")
+            continue
+        count = n_train + n_val if rule in ("index", "saliency") else n_train
         if rule == "evaluate_masks":
             count *= 2  # pseudo-masks and CRF
-        if rule == "train_classifier":  # fixed cost: iterations, not images
-            print(f"| {rule} | {r['jobs']} | fixed | fixed | | {r['rss']:.0f} | |")
-            continue
-        disk = disk_bytes(results, STAGES[rule], args.variants) / count if rule in STAGES else 0
-        print(f"| {rule} | {r['jobs']} | {count} | {r['cpu'] / count:.3f} | {count / max(r['wall'], 1e-9):.1f} "
-              f"| {r['rss']:.0f} | {disk:,.0f} |")
-    (work / f"{name}.json").write_text(json.dumps({"images": [n_train, n_val], "wall": wall, "dry_run": dry_s,
-                                                   "jobs": jobs, "rules": rows}, indent=1))
+        disk = disk_bytes(results, STAGES[rule], variant) / count if rule in STAGES else 0
+        print(f"| {rule} | {variant} | {r['jobs']} | {count} | {r['cpu'] / count:.3f} "
+              f"| {count / max(r['wall'], 1e-9):.1f} | {r['rss']:.0f} | {disk:,.0f} |")
+    record.write_text(json.dumps({"images": [n_train, n_val], "wall": wall, "dry_run": dry_s, "jobs": jobs,
+                                  "rules": {f"{k[0]} {k[1]}".strip(): v for k, v in rows.items()}}, indent=1))
     peak = max(r["rss"] for r in rows.values())
     _common.summary(f"voc_scale: {n_train + n_val} images, {wall:.0f} s wall, snakemake -n {dry_s:.1f} s, "
                     f"largest job {peak:.0f} MB RSS")
