@@ -180,7 +180,7 @@ def eps_masks(model, items, params: dict, device, background: bool, thr: float, 
     images = [read_image(p) for _, p, _ in items]
     labels = np.stack([lab for _, _, lab in items])
     cams_path, masks_path = work / "cams.h5", work / "masks.h5"
-    autocast = autocast_dtype(params.get("precision", "float32"), device, "--precision", bool(params["amp"]))
+    autocast = autocast_dtype(params.get("precision", "float32"), device, "infer.precision", bool(params["amp"]))
     with atomic_h5(cams_path, "eps.cams", "bench") as f:
         for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, autocast,
                                                 keep_background=False):

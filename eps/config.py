@@ -163,8 +163,12 @@ def autocast_dtype(precision: str, device, key: str, amp: bool = False):
         if device.type == "cpu" and not cpu_has_bf16():
             raise EpsError(f"{key}: bf16 needs a CPU with AVX-512 BF16 or AMX instructions and this one has "
                            "neither (bfloat16 would run slower than float32 here); use float32")
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise EpsError(f"{key}: bf16 is not supported by this GPU; use float32 (or amp)")
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            if not native:
+                raise EpsError(f"{key}: bf16 needs a GPU with bfloat16 arithmetic (compute capability 8.0 or "
+                               "later) and this one has none; use float32 (or amp)")
         return torch.bfloat16
     if amp and device.type == "cuda":
         return torch.float16

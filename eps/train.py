@@ -174,8 +174,10 @@ _RUN_NEUTRAL = {"device", "num_workers", "checkpoint_every", "gpus"}
 
 def _run_key(params: dict, ids, classes, dataset: str) -> str:
     """What a checkpoint must match to be resumed: the run's parameters and training images."""
+    # precision float32 (the default) is left out: checkpoints of runs from before the key resume
     data = {
-        "params": {k: v for k, v in params.items() if k not in _RUN_NEUTRAL},
+        "params": {k: v for k, v in params.items()
+                   if k not in _RUN_NEUTRAL and not (k == "precision" and v == "float32")},
         "ids": list(ids), "classes": list(classes), "dataset": dataset,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

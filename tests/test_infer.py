@@ -352,3 +352,20 @@ def test_classifier_of_another_class_count_is_refused(world, tmp_path):
     with pytest.raises(EpsError, match="trained for 3 classes, dataset has 5"):
         infer_cams(world["index"], clf, tmp_path / "cams.h5", "val", "1-of-1", infer_params())
     assert not (tmp_path / "cams.h5").exists()
+
+
+def test_a_shard_reads_its_images_a_batch_at_a_time(world, tmp_path, monkeypatch):
+    reads = []
+    real = infer_mod.read_image
+    monkeypatch.setattr(infer_mod, "read_image", lambda path: reads.append(path) or real(path))
+    model, _ = infer_mod.load_classifier(world["classifiers"]["eps"], "cpu")
+    index = pd.read_csv(world["index"], dtype=str, keep_default_na=False)
+    paths = list(index["image"])
+    from eps.data.index import labels_of, read_classes
+
+    labels = labels_of(index, len(read_classes(world["index"])["classes"]))
+    parts = infer_mod.iter_cam_parts(infer_mod.prepare_model(model, "cpu"), paths, labels,
+                                     infer_params(batch_size=2), True, "cpu")
+    next(parts)
+    assert len(reads) <= 2  # one batch decoded when its first maps come out, not the shard
+    assert sum(1 for _ in parts) == len(paths) - 1 and len(reads) == len(paths)
