@@ -105,6 +105,22 @@ def interleaved(funcs: dict, repeats: int, device="cpu", warmup: bool = True) ->
     return times
 
 
+def classifier_step(model, optimizer, batch, target, autocast=None):
+    """One training step of a C+1-output classifier as a callable for `interleaved`: forward
+    (under autocast to `autocast`, a dtype, if given), the multi-label loss of the C class
+    logits in float32, backward, optimizer step."""
+    import torch
+
+    def step():
+        with torch.autocast(batch.device.type, dtype=autocast, enabled=autocast is not None):
+            logits, _ = model(batch)
+        loss = torch.nn.functional.multilabel_soft_margin_loss(logits.float()[:, :-1], target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

@@ -21,15 +21,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def step_fn(model, optimizer, batch):
-    def step():
-        logits, _ = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.multilabel_soft_margin_loss(logits[:, :-1], torch.ones(len(batch), 8)).backward()
-        optimizer.step()
-    return step
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny inputs, one repeat (the test suite)")
@@ -55,7 +46,7 @@ def main(argv=None) -> None:
         model.train()
         optimizer = make_optimizer(model, {"lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9})
         stride = model.output_stride
-        steps[f"os{stride}"] = step_fn(model, optimizer, batch)
+        steps[f"os{stride}"] = _common.classifier_step(model, optimizer, batch, torch.ones(len(batch), 8))
 
         def infer(model=model):
             with torch.no_grad():

@@ -107,16 +107,8 @@ def main(argv=None) -> None:
         batch = torch.randn(8, 3, crop, crop).to(memory_format=torch.channels_last)
         target = torch.zeros(8, 20)
         target[:, 11] = 1
-
-        def step(dtype):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                logits, _ = model(batch)
-            loss = torch.nn.functional.multilabel_soft_margin_loss(logits.float()[:, :-1], target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps = _common.interleaved({k: (lambda d=d: step(d)) for k, d in runs.items()}, repeats)
+        steps = _common.interleaved({k: _common.classifier_step(model, optimizer, batch, target, d)
+                                     for k, d in runs.items()}, repeats)
         infer_x = speed["bf16"] / speed["float32"]
         step_x = _common.median(steps["float32"]) / _common.median(steps["bf16"])
         print(f"{name}: CAM inference float32 {speed['float32']:.2f} images/s, bf16 {speed['bf16']:.2f} "

@@ -158,7 +158,7 @@ def prepare_model(model, device):
 
 
 def iter_cam_parts(model, images, labels, params: dict, background: bool, device, autocast=None,
-                   keep_background: bool = True):
+                   keep_background: bool = True, sizes=None):
     """Yield `(k, parts, present)` for every image `images[k]` (uint8 RGB (H, W, 3), or its file:
     read a batch at a time, so a shard's memory does not grow with its images), in batch order.
 
@@ -166,12 +166,15 @@ def iter_cam_parts(model, images, labels, params: dict, background: bool, device
     `parts` are the image's per-scale maps at CAM resolution (`multiscale_parts`, float32
     numpy (K, h_s, w_s)) of the labelled classes `present` (0-based, from the multi-hot
     `labels[k]`) and, with `background` (the model has a background channel) and
-    `keep_background`, the background map last.
+    `keep_background`, the background map last. `sizes`: the images' (H, W), when the caller
+    has them (else read from the arrays or the file headers).
     """
     keep = background and keep_background
     by_size = defaultdict(list)
-    for k, image in enumerate(images):
-        by_size[image.shape[:2] if isinstance(image, np.ndarray) else image_size(image)].append(k)
+    if sizes is None:
+        sizes = [image.shape[:2] if isinstance(image, np.ndarray) else image_size(image) for image in images]
+    for k, size in enumerate(sizes):
+        by_size[tuple(size)].append(k)
     batch_size = int(params["batch_size"])
     for _, members in sorted(by_size.items()):
         for b in range(0, len(members), batch_size):
@@ -226,7 +229,8 @@ def infer_cams(index_csv, classifier, out, split: str, scatteritem: str, params:
     with atomic_h5(out, "eps.cams", info["dataset"]) as f:
         with progress(total=len(ids), desc=f"cams {out.name}", mininterval=2) as bar:
             keep = background and bool(params["keep_background"])
-            for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, autocast, keep):
+            for k, parts, present in iter_cam_parts(model, images, labels, params, background, device, autocast, keep,
+                                                    sizes):
                 write_cams(f, ids[k], parts, present, keep, sizes[k])
                 bar.update(1)
     return out
