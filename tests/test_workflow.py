@@ -81,9 +81,11 @@ def test_evaluation_and_crf_jobs_get_the_cores_of_the_run_unless_the_config_says
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     jobs = job_threads(cfg)
     assert jobs["evaluate_masks"] == {2} and jobs["crf"] == {2} and jobs["infer_cams"] == {1}
-    cfg["threads"].update({"evaluate": 1, "crf": 1})
+    assert jobs["train_segmenter"] == {1}  # threads.segmenter null: threads.train
+    cfg["threads"].update({"evaluate": 1, "crf": 1, "segmenter": 2})
     jobs = job_threads(cfg)
     assert jobs["evaluate_masks"] == {1} and jobs["crf"] == {1}
+    assert jobs["train_segmenter"] == {2} and jobs["train_classifier"] == {1}
 
 
 def test_bad_config_is_rejected(tmp_path):

@@ -105,7 +105,7 @@ rule train_segmenter:
         variant="[^/]+",
     conda:
         "../../envs/eps.yaml"
-    threads: config["threads"]["train"]
+    threads: config["threads"].get("segmenter") or config["threads"]["train"]
     resources:
         gpu=1,
     params:
