@@ -41,9 +41,7 @@ localrules:
     index,
     summary,
     report_tables,
-    export_masks,
-    export_crf,
-    export_predictions,
+    export_pngs,
     server_layout,
 
 

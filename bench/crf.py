@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         if refine_cam_shard is not None:
             from eps.data.index import make_row, write_index
             from eps.data.io import atomic_h5, open_h5
-            from eps.infer import read_cams, write_cams
+            from eps.shards import read_cams, write_cams
 
             index = work / "index.csv"
             write_index([make_row(i, path, labels=classes, splits=["train"]) for i, path, _, classes in items],

@@ -7,7 +7,7 @@ stride 8, as ResNet-38), for the EPS classifier (labelled classes + the backgrou
 the CAM baseline (labelled classes).
 
 - eps: one ``eps.cams`` shard written as the ``infer_cams`` stage writes it
-  (``eps.infer.write_cams``: each scale's maps of the labelled classes at CAM resolution,
+  (``eps.shards.write_cams``: each scale's maps of the labelled classes at CAM resolution,
   float32, byte shuffle + gzip 1; the EPS background map is left out, as the official code
   leaves it out); bytes = file size / images.
 - official (``infer.py --cam_npy``): per image ``np.save(f"{id}.npy", cam_dict)``, a
@@ -69,7 +69,7 @@ def load_inputs(count: int, seed: int, max_side: int):
 def write_shard(path: Path, entries, drop_background=False) -> int:
     """Write `entries` (id, parts, present, background, size) as an eps.cams shard; return its size."""
     from eps.data.io import atomic_h5
-    from eps.infer import write_cams
+    from eps.shards import write_cams
 
     with atomic_h5(path, "eps.cams", "bench") as f:
         for image_id, parts, present, background, size in entries:
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.max_side = 6, 128
     _common.header("disk", "cpu", argv)
-    from eps.infer import iter_cam_parts, maps_from_parts, prepare_model
+    from eps.infer import iter_cam_parts, prepare_model
+    from eps.shards import maps_from_parts
     from eps.models import build_classifier
 
     inputs = load_inputs(args.images, args.seed, args.max_side)

@@ -9,7 +9,7 @@ end in pseudo-masks (background threshold 0.20, argmax):
   forward per scale and per flip (batch of 1), softmax (EPS) and bilinear upsampling per
   forward, numpy flips, ``np.sum`` over the 8 maps, max-normalisation, a (21, H, W) score
   tensor with the threshold in channel 0, argmax. Nothing is written to disk.
-- eps (``eps.infer``: ``prepare_model``, ``iter_cam_parts``, ``write_cams``, ``pseudo_masks``):
+- eps (``eps.infer``: ``prepare_model``, ``iter_cam_parts``; ``eps.shards``: ``write_cams``, ``pseudo_masks``):
   images read with ``read_image``, equal-size images batched with their flips per scale,
   each scale's maps written to an HDF5 shard at CAM resolution (float32, gzip), then the
   pseudo-mask stage reads that shard (upsampling and summing the scales) and writes the
@@ -174,7 +174,8 @@ def eps_masks(model, items, params: dict, device, background: bool, thr: float, 
     Returns the two shard paths; `read_eps` reads them back, outside the timing."""
     from eps.config import autocast_dtype
     from eps.data.io import atomic_h5, read_image
-    from eps.infer import iter_cam_parts, pseudo_masks, write_cams
+    from eps.infer import iter_cam_parts
+    from eps.shards import pseudo_masks, write_cams
 
     ids = [i for i, _, _ in items]
     images = [read_image(p) for _, p, _ in items]
@@ -192,7 +193,7 @@ def eps_masks(model, items, params: dict, device, background: bool, thr: float, 
 def read_eps(run: dict) -> dict:
     """id -> (mask from the mask shard, {class: normalised map read back from the CAM shard})."""
     from eps.data.io import open_h5
-    from eps.infer import read_cams
+    from eps.shards import read_cams
 
     out = {}
     with open_h5(run["masks"], "eps.masks", "bench") as fm, open_h5(run["cams"], "eps.cams", "bench") as fc:
@@ -205,8 +206,9 @@ def read_eps(run: dict) -> dict:
 def tensor_resize_masks(model, items, params: dict, device, background: bool, thr: float) -> dict:
     """eps's earlier resize (torch bicubic on the normalised float tensor), for the agreement figure."""
     from eps.data.io import read_image
-    from eps.infer import mask_from_maps, multiscale_cams, normalised_maps
-    from eps.train import normalize
+    from eps.data.imagenet import normalize
+    from eps.infer import multiscale_cams
+    from eps.shards import mask_from_maps, normalised_maps
 
     out = {}
     for image_id, path, label in items:

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from eps.crf import CRF_DEFAULTS, refine_cams
     from eps.models import build_classifier
     from eps.models.efficientnet import load_lite0
-    from eps.train import make_optimizer
+    from eps.training import make_optimizer
 
     crop, size, repeats = (32, (48, 64), 1) if args.quick else (args.crop, (375, 500), args.repeats)
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ def photos(count: int, quick: bool):
 
 
 def masks(model, items, autocast) -> list:
-    from eps.infer import iter_cam_parts, mask_from_maps, maps_from_parts
+    from eps.infer import iter_cam_parts
+    from eps.shards import mask_from_maps, maps_from_parts
 
     images = [image for image, _ in items]
     labels = np.stack([label for _, label in items])
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     from eps.infer import prepare_model
     from eps.models import build_classifier
     from eps.models.efficientnet import load_lite0
-    from eps.train import make_optimizer
+    from eps.training import make_optimizer
 
     has = cpu_has_bf16()
     print(f"CPU bfloat16 instructions (AVX-512 BF16 or AMX): {'yes' if has else 'no'}")

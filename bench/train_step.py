@@ -1,6 +1,6 @@
 """One EPS training step (ResNet-38): eps's step against the official step, same weights and data.
 
-- eps: the pieces of ``eps.train`` (``build_classifier``, ``make_optimizer`` with its four
+- eps: the pieces of the classifier's training (``build_classifier``, ``eps.training.make_optimizer`` with its four
   parameter groups, ``set_poly_lr``, ``eps.losses.classification_loss`` and
   ``saliency_loss``, the finite-loss check and the logged ``.item()`` values).
 - official (a re-creation of halbielee/EPS ``module/train.py: train_eps`` with psa's
@@ -128,7 +128,7 @@ class OfficialStep:
 
 class EpsStep:
     def __init__(self, model):
-        from eps.train import make_optimizer
+        from eps.training import make_optimizer
 
         self.model = model
         self.optimizer = make_optimizer(model, HYPER)
@@ -146,14 +146,14 @@ class EpsStep:
         return loss, logged
 
     def update(self):
-        from eps.train import set_poly_lr
+        from eps.training import set_poly_lr
 
         set_poly_lr(self.optimizer, self.step, TOTAL_STEPS, HYPER["poly_power"])
         self.optimizer.step()
         self.step += 1
 
     def __call__(self, img, saliency, label):
-        from eps.train import set_poly_lr
+        from eps.training import set_poly_lr
 
         set_poly_lr(self.optimizer, self.step, TOTAL_STEPS, HYPER["poly_power"])
         logits, cam = self.model(img)

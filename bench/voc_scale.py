@@ -41,8 +41,8 @@ STAGES = {  # rule -> folder of its outputs under results/{ds} (for bytes per im
     "infer_cams": "{v}/cams",
     "pseudo_masks": "{v}/masks",
     "crf": "{v}/masks_crf",
-    "export_masks": "{v}/masks/train/png",
-    "export_crf": "{v}/masks_crf/train/png",
+    "export_pngs masks": "{v}/masks/train/png",
+    "export_pngs masks_crf": "{v}/masks_crf/train/png",
     "evaluate_masks": "{v}/pseudo_masks",
 }
 
@@ -123,9 +123,10 @@ def bench_rows(results: Path, variants) -> dict:
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
         parts = tsv.relative_to(results / "benchmarks").with_suffix("").parts
         variant = parts[1] if len(parts) > 1 and parts[1] in variants else ""
+        rule = f"{parts[0]} {parts[2]}" if parts[0] == "export_pngs" else parts[0]  # one row per mask kind
         with open(tsv) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
-        acc = out.setdefault((parts[0], variant), {"jobs": 0, "wall": 0.0, "cpu": 0.0, "rss": 0.0})
+        acc = out.setdefault((rule, variant), {"jobs": 0, "wall": 0.0, "cpu": 0.0, "rss": 0.0})
         acc["jobs"] += 1
         acc["wall"] += float(row["s"])
         acc["cpu"] += float(row["cpu_time"])

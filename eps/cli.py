@@ -133,13 +133,13 @@ def cmd_infer_cams(a):
 
 def cmd_pseudo_masks(a):
     from eps.config import MASK_DEFAULTS, load_params
-    from eps.infer import pseudo_masks
+    from eps.shards import pseudo_masks
 
     pseudo_masks(a.cams, a.out, a.dataset, load_params(a.params, MASK_DEFAULTS, "pseudo_masks"))
 
 
 def cmd_export_masks(a):
-    from eps.infer import export_pngs
+    from eps.shards import export_pngs
 
     export_pngs(a.masks, a.out, a.dataset)
 

@@ -30,11 +30,12 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
-from eps.progress import progress
 
 from eps.data.index import read_index
 from eps.data.io import atomic_h5, open_h5, read_image
 from eps.errors import EpsError
+from eps.progress import progress
+from eps.shards import read_cams
 
 PRESETS = {
     "deeplab": {"bi_w": 4.0, "bi_xy": 67.0, "bi_rgb": 3.0, "pos_w": 3.0, "pos_xy": 1.0, "iterations": 10},
@@ -188,8 +189,6 @@ def parallel_map(func, jobs, workers: int):
 
 def refine_cam_shard(cams_shard, index_csv, out, dataset: str, params: dict, workers: int = 1) -> Path:
     """CRF pseudo-masks of one CAM shard -> a mask shard (format ``eps.masks``) at `out`."""
-    from eps.infer import read_cams  # torch: only for the stage that reads CAM shards
-
     kernel_params(params)  # fail early on a bad preset / value
     check_scale(params)
     if params.get("background", "threshold") not in ("threshold", "power"):

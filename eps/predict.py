@@ -2,7 +2,7 @@
 and horizontal flips at image size, argmax -> an ``eps.masks`` shard; optionally refined by
 the dense CRF of ``eps.crf`` (a second shard), and written as index PNGs in the layout of the
 PASCAL VOC evaluation server (``results/VOC2012/Segmentation/comp6_test_cls/{id}.png``).
-Apart from training (``eps.segment``): the two stages rerun for different code.
+Apart from training (``eps.segment``, ``eps.training``): the two stages rerun for different code.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from eps.config import choose_device, set_threads
+from eps.data.imagenet import normalize
 from eps.data.index import parse_scatteritem, read_classes, read_index, shard_rows, split_rows
 from eps.data.io import atomic_h5, image_size, read_image, read_index_png, write_index_png
 from eps.errors import EpsError
+from eps.models.deeplab import load_segmenter
 from eps.progress import progress
-from eps.segment import load_segmenter, multiscale_probs
-from eps.train import normalize
 
 SERVER_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 
@@ -33,6 +34,28 @@ PREDICT_DEFAULTS = {
     "device": "auto",
     "amp": False,
 }
+
+
+@torch.no_grad()
+def multiscale_probs(model, images: torch.Tensor, scales, flip: bool, amp: bool = False) -> torch.Tensor:
+    """Softmax averaged over scales (and flips) at input size: (N, K, H, W) float32."""
+    n, _, h, w = images.shape
+    total = None
+    count = 0
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], 0)
+        with torch.autocast(device_type=x.device.type, enabled=amp):
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        prob = F.softmax(logits, dim=1)
+        if flip:
+            prob = prob[:n] + prob[n:].flip(-1)
+        total = prob if total is None else total + prob
+        count += 2 if flip else 1
+    return total / count
 
 
 def _crf_job(job):

@@ -358,7 +358,7 @@ def estimated_saliency(model, meta: dict, image: np.ndarray, saliency: np.ndarra
     import torch.nn.functional as F
 
     from eps.losses import saliency_loss
-    from eps.train import normalize
+    from eps.data.imagenet import normalize
 
     if not meta.get("background"):
         return None
@@ -381,8 +381,8 @@ def segmenter_output(model, image: np.ndarray, params: dict, device="cpu") -> np
     """The segmenter's multi-scale + flip prediction of one image, as `eps predict` makes it."""
     import torch
 
-    from eps.segment import multiscale_probs
-    from eps.train import normalize
+    from eps.predict import multiscale_probs
+    from eps.data.imagenet import normalize
 
     x = torch.from_numpy(normalize(image))[None].to(device)
     probs = multiscale_probs(model, x, params.get("scales", [1.0]), bool(params.get("flip", True)))
@@ -441,15 +441,15 @@ def make_figures(out_dir, *, index_csv, split: str, metrics=(), train_logs=(), s
     device = params["device"]
     cls_model = cls_meta = seg_model = store = None
     if classifier is not None:
-        from eps.train import load_classifier
+        from eps.models.classifier import load_classifier
 
         cls_model, cls_meta = load_classifier(classifier, device)
     if segmenter is not None:
-        from eps.segment import load_segmenter
+        from eps.models.deeplab import load_segmenter
 
         seg_model, _ = load_segmenter(segmenter, device)
     if saliency_shards:
-        from eps.train import SaliencyStore
+        from eps.shards import SaliencyStore
 
         store = SaliencyStore(saliency_shards, info["dataset"])
 

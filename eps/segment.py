@@ -9,39 +9,33 @@ flipped, padded to the crop (image with the mean, i.e. 0 after normalisation, la
 parameter groups of DeepLab (lr / 2x lr for backbone weights / biases, 10x / 20x lr for
 the new head); ResNet-101 keeps BatchNorm frozen.
 
-As in classifier training (``eps.train``), the sample order, every augmentation and the
+The training loop is the classifier's (``eps.training.fit``): the sample order, every augmentation and the
 dropout masks are a pure function of (seed, iteration), checkpoints are written every
 ``checkpoint_every`` iterations with a key of the run (parameters, images, pseudo-mask
 contents, init file), and a run resumed from a checkpoint ends with the weights of an
 uninterrupted run.
 
-``load_segmenter`` and ``multiscale_probs`` (softmax averaged over scales and flips) serve
-the prediction stage (``eps.predict``) and the report.
+A trained segmenter is loaded by ``eps.models.deeplab.load_segmenter``; prediction is
+``eps.predict``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
-import math
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from eps.progress import progress
 
 from eps.config import choose_device, set_threads, write_json
+from eps.data.imagenet import normalize
 from eps.data.index import read_classes, read_index, split_rows
 from eps.data.io import atomic_path, read_image, read_index_png
 from eps.errors import EpsError
 from eps.models.deeplab import PACKAGED_SEGMENTERS, SEGMENTERS, build_segmenter, load_backbone, read_init, sha256_file
-from eps.train import (PositionSamples, _finish_checkpoints, _resume_checkpoint, _save_checkpoint,
-                       _unwrap_worker_errors, make_optimizer, normalize, set_poly_lr)
+from eps.training import PositionSamples, fit, make_optimizer, run_key, set_poly_lr
 
 IGNORE = 255
 LOG_FIELDS = ["iteration", "loss", "lr", "seconds"]
@@ -147,15 +141,6 @@ def _digest_files(paths) -> str:
     return digest.hexdigest()
 
 
-def _run_key(params: dict, ids, classes, dataset: str, masks_digest: str, init_digest: str) -> str:
-    data = {
-        "params": {k: v for k, v in params.items() if k not in _RUN_NEUTRAL},
-        "ids": list(ids), "classes": list(classes), "dataset": dataset,
-        "masks": masks_digest, "init": init_digest,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def head_from_classifier(model, path) -> str:
     """Start an ASPP head as the classifier's CAM head: the segmenter's first logits are its CAMs.
 
@@ -218,7 +203,6 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
     set_threads()
     check_train_params(params)
     out = Path(out)
-    work = out.parent / "checkpoints"
     index = read_index(index_csv)
     info = read_classes(index_csv)
     classes = info["classes"]
@@ -242,7 +226,8 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         init = {"file": str(weights), "sha256": init_digest}
 
     device = choose_device(params["device"])
-    run = _run_key(params, rows["id"], classes, info["dataset"], _digest_files(mask_paths), init_digest)
+    run = run_key(params, _RUN_NEUTRAL, ids=list(rows["id"]), classes=list(classes), dataset=info["dataset"],
+                  masks=_digest_files(mask_paths), init=init_digest)
     torch.manual_seed(params["seed"])
     packaged = params["model"] in PACKAGED_SEGMENTERS
     init_weights = read_init(params["weights"]) if params["weights"] and not packaged else None
@@ -265,103 +250,30 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         print(f"{params['weights']}: {line}", flush=True)
     model.to(device)
     optimizer = make_optimizer(model, params)
-
     total = int(params["iterations"])
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "last.pt"
-    log_path = work / "train_log.csv"
-    start = _resume_checkpoint(ckpt, run, model, optimizer, log_path, device,
-                               "parameters, images or pseudo-masks", LOG_FIELDS)
 
-    batch = int(params["batch_size"])
-    samples = SegSamples(rows["image"], mask_paths, len(classes), params)
-    loader = DataLoader(samples, batch_size=batch, sampler=range(start * batch, total * batch),
-                        num_workers=int(params["num_workers"]), drop_last=True)
-    model.train()
-    new_log = not log_path.exists()
-    t0 = time.time()
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-        if new_log:
-            writer.writeheader()
-        bar = progress(_unwrap_worker_errors(loader), total=total - start, desc=f"segmenter {out.parent.name}",
-                   mininterval=2)
-        for step, item in enumerate(bar, start=start):
-            lr = set_poly_lr(optimizer, step, total, params["poly_power"])
-            torch.manual_seed(int(params["seed"]) * 1_000_003 + step)  # dropout: a function of the step
-            logits = model(item["image"].to(device))
-            loss = segmentation_loss(logits, item["label"].to(device))
-            if not math.isfinite(loss.item()):
-                kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt.is_file()
-                        else "no checkpoint was written yet")
-                raise EpsError(f"{out.parent}: loss became {loss.item()} at iteration {step + 1}; {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            writer.writerow({"iteration": done, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
-                             "seconds": f"{time.time() - t0:.2f}"})
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
-            if done % int(params["checkpoint_every"]) == 0 or done == total:
-                log_file.flush()
-                _save_checkpoint(ckpt, model, optimizer, done, run)
-    meta = {
-        "model": params["model"], "num_classes": len(classes) + 1, "classes": classes,
-        "dataset": info["dataset"], "split": split, "pseudo_masks": str(masks_dir),
-        "pseudo_labels": params["pseudo_labels"], "params": params,
-        "init": init, "init_pretraining": params["init_pretraining"], "init_notes": notes,
-        "caffe": caffe,  # Caffe DeepLab backbone layout and BGR 0..255 input (a DeepLab initialisation)
-    }
-    with atomic_path(out.parent / "train_log.csv") as tmp:
-        tmp.write_bytes(log_path.read_bytes())
-    write_json(out.parent / "model.json", meta)
-    with atomic_path(out) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    _finish_checkpoints(work, ckpt, log_path)
+    def step(net, iteration, item):
+        torch.manual_seed(int(params["seed"]) * 1_000_003 + iteration)  # dropout: a function of the step
+        loss = segmentation_loss(net(item["image"].to(device)), item["label"].to(device))
+        return loss, {"loss": loss.item()}
+
+    def save():
+        meta = {
+            "model": params["model"], "num_classes": len(classes) + 1, "classes": classes,
+            "dataset": info["dataset"], "split": split, "pseudo_masks": str(masks_dir),
+            "pseudo_labels": params["pseudo_labels"], "params": params,
+            "init": init, "init_pretraining": params["init_pretraining"], "init_notes": notes,
+            "caffe": caffe,  # Caffe DeepLab backbone layout and BGR 0..255 input (a DeepLab initialisation)
+        }
+        write_json(out.parent / "model.json", meta)
+        with atomic_path(out) as tmp:
+            torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+
+    fit(model, optimizer, SegSamples(rows["image"], mask_paths, len(classes), params), step,
+        total=total, batch_size=int(params["batch_size"]), num_workers=int(params["num_workers"]),
+        checkpoint_every=int(params["checkpoint_every"]), work=out.parent / "checkpoints", key=run,
+        inputs="parameters, images or pseudo-masks", fields=LOG_FIELDS,
+        lr_at=lambda iteration: set_poly_lr(optimizer, iteration, total, params["poly_power"]),
+        desc=f"segmenter {out.parent.name}", name=out.parent, device=device,
+        log_copy=out.parent / "train_log.csv", save=save)
     return out
-
-
-def load_segmenter(path, device="cpu"):
-    """Rebuild a trained segmenter from `model.pt` (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EpsError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EpsError(f"{path}: cannot load segmenter ({type(exc).__name__}: {exc})") from None
-    meta = state.get("meta") if isinstance(state, dict) else None
-    if not isinstance(meta, dict) or "state_dict" not in state or "model" not in meta or "num_classes" not in meta:
-        raise EpsError(f"{path}: not an eps segmenter file (expected keys state_dict and meta)")
-    model = build_segmenter(meta["model"], meta["num_classes"], caffe=bool(meta.get("caffe", False)))
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        problem = " ".join(str(exc).split())
-        raise EpsError(f"{path}: weights do not fit a {meta['model']} segmenter "
-                       f"({problem[:297] + '...' if len(problem) > 300 else problem})") from None
-    return model.to(device).eval(), meta
-
-
-# ---------------------------------------------------------------------------- prediction
-
-@torch.no_grad()
-def multiscale_probs(model, images: torch.Tensor, scales, flip: bool, amp: bool = False) -> torch.Tensor:
-    """Softmax averaged over scales (and flips) at input size: (N, K, H, W) float32."""
-    n, _, h, w = images.shape
-    total = None
-    count = 0
-    for s in scales:
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
-        with torch.autocast(device_type=x.device.type, enabled=amp):
-            logits = model(x)
-        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        prob = F.softmax(logits, dim=1)
-        if flip:
-            prob = prob[:n] + prob[n:].flip(-1)
-        total = prob if total is None else total + prob
-        count += 2 if flip else 1
-    return total / count

@@ -51,16 +51,19 @@ class Interrupted(Exception):
 
 
 class _CheckpointKill:
-    """Patches `module._save_checkpoint` so that its `nth` call raises Interrupted (after
-    writing the checkpoint with `save_first`, before it otherwise); `calls` lists the
-    iterations of every call; `restore()` puts the real writer back for the resumed run."""
+    """Patches `eps.training.save_checkpoint` (the training loop of every network) so that its
+    `nth` call raises Interrupted (after writing the checkpoint with `save_first`, before it
+    otherwise); `calls` lists the iterations of every call; `restore()` puts the real writer
+    back for the resumed run."""
 
     error = Interrupted
 
-    def __init__(self, monkeypatch, module, nth: int, save_first: bool):
+    def __init__(self, monkeypatch, nth: int, save_first: bool):
+        import eps.training as module
+
         self.calls = []
-        self._undo = lambda: monkeypatch.setattr(module, "_save_checkpoint", real)
-        real = module._save_checkpoint
+        self._undo = lambda: monkeypatch.setattr(module, "save_checkpoint", real)
+        real = module.save_checkpoint
 
         def save_or_die(path, model, optimizer, iteration, *args, **kwargs):
             self.calls.append(iteration)
@@ -69,7 +72,7 @@ class _CheckpointKill:
             if len(self.calls) == nth:
                 raise Interrupted(f"killed at the checkpoint of iteration {iteration}")
 
-        monkeypatch.setattr(module, "_save_checkpoint", save_or_die)
+        monkeypatch.setattr(module, "save_checkpoint", save_or_die)
 
     def restore(self) -> None:
         self._undo()
@@ -77,9 +80,9 @@ class _CheckpointKill:
 
 @pytest.fixture
 def kill_at_checkpoint(monkeypatch):
-    """`kill = kill_at_checkpoint(module, nth, save_first=False)`: simulate a process killed at
-    the `nth` checkpoint of a training run (`pytest.raises(kill.error)`, then `kill.restore()`)."""
-    return lambda module, nth, save_first=False: _CheckpointKill(monkeypatch, module, nth, save_first)
+    """`kill = kill_at_checkpoint(nth, save_first=False)`: simulate a process killed at the
+    `nth` checkpoint of a training run (`pytest.raises(kill.error)`, then `kill.restore()`)."""
+    return lambda nth, save_first=False: _CheckpointKill(monkeypatch, nth, save_first)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 from eps.crf import (CRF_DEFAULTS, PRESETS, cam_scores, dense_crf, kernel_params, refine_cam_shard, refine_cams,
                      refine_probs)
 from eps.errors import EpsError
-from eps.infer import mask_from_maps, write_cams
+from eps.shards import mask_from_maps, write_cams
 from eps.metrics import boundary_scores
 
 

@@ -14,7 +14,8 @@ import torch
 
 from eps.config import TRAIN_DEFAULTS
 from eps.errors import EpsError
-from eps.train import _RankPositions, train_classifier
+from eps.train import train_classifier
+from eps.training import RankPositions
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ def read_log(path):
 
 
 def test_rank_positions_cover_each_global_batch_once():
-    per_rank = [list(_RankPositions(2, 5, 6, r, 3)) for r in range(3)]
+    per_rank = [list(RankPositions(2, 5, 6, r, 3)) for r in range(3)]
     assert [len(p) for p in per_rank] == [6, 6, 6]
     for step in range(3):  # steps 2, 3, 4 of the run
         batch = [p for r in range(3) for p in per_rank[r][step * 2:(step + 1) * 2]]
@@ -90,10 +91,8 @@ def test_bad_gpus_value(tiny, tmp_path):
 def test_two_ranks_resume_a_checkpoint_exactly_where_it_stopped(tiny, tmp_path, kill_at_checkpoint, capfd):
     """A run interrupted after its iteration-2 checkpoint, resumed with gpus: 2, ends where an
     uninterrupted run ends (gpus does not change the sample sequence, so the checkpoint is valid)."""
-    import eps.train as train_mod
-
     ref = train(tiny, tmp_path / "ref")
-    kill = kill_at_checkpoint(train_mod, 2)  # checkpoints at iterations 2 and 4: dies at 4
+    kill = kill_at_checkpoint(2)  # checkpoints at iterations 2 and 4: dies at 4
     run_dir = tmp_path / "run"
     with pytest.raises(kill.error):
         train(tiny, run_dir)

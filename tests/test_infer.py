@@ -19,8 +19,8 @@ from PIL import Image
 import eps.infer as infer_mod
 from eps.config import INFER_DEFAULTS, TRAIN_DEFAULTS
 from eps.errors import EpsError
-from eps.infer import (export_pngs, infer_cams, mask_from_maps, multiscale_cams, multiscale_parts, pseudo_masks,
-                       read_cams, upsample_sum, write_cams)
+from eps.infer import infer_cams, multiscale_cams, multiscale_parts
+from eps.shards import export_pngs, mask_from_maps, pseudo_masks, read_cams, upsample_sum, write_cams
 
 UNLABELLED = "syn_val_00001"
 
@@ -200,7 +200,7 @@ def test_infer_cams_writes_normalised_maps_of_the_labelled_classes(world, tmp_pa
 
 def test_cam_shard_keeps_per_scale_maps_and_reads_back_the_full_size_sum(world, tmp_path):
     """Lossless: the shard's per-scale maps give exactly the float32 sum computed at full size."""
-    from eps.train import load_classifier
+    from eps.models.classifier import load_classifier
 
     params = infer_params(scales=[0.5, 1.0, 1.5], flip=True)
     out = infer_cams(world["index"], world["classifiers"]["eps"], tmp_path / "cams.h5", "val", "1-of-1", params)

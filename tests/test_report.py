@@ -104,7 +104,7 @@ def classifier(background=True, **params):
 
 def test_estimated_saliency_is_the_eps_blend_at_image_size():
     from eps.losses import saliency_loss
-    from eps.train import normalize
+    from eps.data.imagenet import normalize
 
     model, meta = classifier(lam=0.3)
     image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
@@ -177,7 +177,7 @@ def test_make_figures(world, tmp_path):
 
 
 def test_segmenter_output_shape(world):
-    from eps.segment import load_segmenter
+    from eps.models.deeplab import load_segmenter
 
     root, _, _ = world
     model, _ = load_segmenter(root / "model.pt")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import eps.train as train_mod
 from eps.data.io import read_saliency, write_gray_png, write_rgb
 from eps.errors import EpsError
 from eps.saliency import dss, pfan, supervised
@@ -474,7 +473,7 @@ def test_pfan_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, kil
     params = dict(TINY, iterations=3, checkpoint_every=1)  # checkpoints after iterations 1 and 2
     ref = supervised.train("pfan", images, masks, tmp_path / "ref" / "pfan.pt", params, progress=False)
 
-    kill = kill_at_checkpoint(train_mod, 2)
+    kill = kill_at_checkpoint(2)
     out = tmp_path / "run" / "pfan.pt"
     with pytest.raises(kill.error):
         supervised.train("pfan", images, masks, out, params, progress=False)
@@ -525,7 +524,7 @@ def test_pfan_training_preparation_pads_with_the_mean_and_keeps_the_mask():
 # ---------------------------------------------------------------------------- initialisation
 
 def test_torchvision_vgg16_initialises_pfan_with_its_own_normalisation(tmp_path):
-    from eps.train import MEAN, STD
+    from eps.data.imagenet import MEAN, STD
 
     torch.manual_seed(0)
     vgg = pfan.vgg16_features()

@@ -17,13 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-import eps.segment as seg_mod
 from eps.errors import EpsError
 from eps.models import build_segmenter
-from eps.models.deeplab import SEGMENTERS, sha256_file
-from eps.predict import predict, server_dir
-from eps.segment import (IGNORE, SEGMENT_DEFAULTS, augment_pair, load_segmenter, multiscale_probs,
-                         segmentation_loss, train_segmenter)
+from eps.models.deeplab import SEGMENTERS, load_segmenter, sha256_file
+from eps.predict import multiscale_probs, predict, server_dir
+from eps.segment import IGNORE, SEGMENT_DEFAULTS, augment_pair, segmentation_loss, train_segmenter
 
 NUM_CLASSES = 5
 
@@ -154,7 +152,7 @@ def test_a_few_steps_reduce_the_loss(tiny, tmp_path):
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, kill_at_checkpoint, capsys):
     n = 6
     ref = train(tiny, tmp_path / "ref", iterations=n)
-    kill = kill_at_checkpoint(seg_mod, 2)
+    kill = kill_at_checkpoint(2)
     with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=n)
     kill.restore()
@@ -180,7 +178,7 @@ def test_checkpoint_of_other_pseudo_masks_is_not_resumed(tiny, tmp_path, kill_at
     from eps.data.io import write_index_png
     write_index_png(first, np.zeros(np.asarray(Image.open(first)).shape, np.uint8))
 
-    kill = kill_at_checkpoint(seg_mod, 1, save_first=True)
+    kill = kill_at_checkpoint(1, save_first=True)
     with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=4)
     kill.restore()
@@ -260,7 +258,7 @@ def _deeplab_caffe_name(key: str) -> str:
 
 def test_a_deeplab_coco_initialisation_runs_in_the_caffe_layout(tmp_path):
     from eps.models.deeplab import CAFFE_MEAN_BGR, load_backbone, read_init, to_caffe_input
-    from eps.train import normalize
+    from eps.data.imagenet import normalize
 
     ref = build_segmenter("deeplab_v2_resnet101", 3).backbone.state_dict()
     caffe_file = tmp_path / "MS_DeepLab_resnet_pretrained_COCO_init.pth"
@@ -354,7 +352,7 @@ def test_predict_shards_cover_the_split_and_refuse_other_datasets(tiny, trained,
 
 
 def test_head_lr_mult_sets_the_heads_learning_rate():
-    from eps.train import make_optimizer
+    from eps.training import make_optimizer
 
     model = build_segmenter("deeplab_small", NUM_CLASSES + 1)
     for mult, expected in ((10, [1, 2, 10, 20]), (1, [1, 2, 1, 2])):

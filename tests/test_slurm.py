@@ -189,7 +189,7 @@ def test_tiny_run_through_slurm(slurm_cluster, tmp_path):
     rules = watch.by_rule()
     assert GPU_RULES <= set(rules), sorted(rules)
     assert {"saliency", "pseudo_masks", "crf", "evaluate_masks"} <= set(rules)
-    assert not {"index", "summary", "report_tables", "export_masks"} & set(rules), sorted(rules)
+    assert not {"index", "summary", "report_tables", "export_pngs"} & set(rules), sorted(rules)
     for rule, jobs in rules.items():
         for job in jobs:
             assert job["Partition"] == PARTITION

@@ -36,6 +36,27 @@ def test_a_stage_hashes_what_its_modules_import():
     assert "eps/gpus.py" in training  # train.py calls eps.config.choose_device, which imports it
 
 
+def test_stages_that_use_a_trained_network_do_not_hash_its_training():
+    """CAM inference, prediction and the report load trained networks; the shard stages only
+    read shards: none of them reruns for an edit to a training loop."""
+    training = {"eps/train.py", "eps/training.py", "eps/segment.py", "eps/saliency/supervised.py"}
+    for entry in ("eps/infer.py", "eps/predict.py", "eps/report.py", "eps/shards.py", "eps/crf.py"):
+        assert not training & closure(entry), entry
+    assert not {"eps/infer.py", "eps/models/classifier.py"} & closure("eps/crf.py")
+    for entry in ("eps/train.py", "eps/segment.py", "eps/saliency/supervised.py"):
+        assert "eps/training.py" in closure(entry), entry
+
+
+def test_reading_shards_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, eps.crf, eps.shards; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

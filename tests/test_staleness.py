@@ -144,7 +144,7 @@ def test_crf_parameters_rerun_the_crf_and_what_follows(finished, tmp_path):
     reasons = {}
     jobs = plan(work, config, reasons)
     per_variant, gathering = split_jobs(jobs)
-    assert per_variant == {"crf", "export_crf", "evaluate_masks"}
+    assert per_variant == {"crf", "export_pngs", "evaluate_masks"}
     assert "summary" in gathering and not gathering & UPSTREAM
     # the parameters changed for the CRF alone; the rest follows its new files
     # (`--list-changes params` cannot tell: Snakemake 9.27 lists every output there)
@@ -177,7 +177,7 @@ def test_editing_metrics_reruns_what_imports_it(finished, edited):
     jobs = plan(work, config, reasons)
     only_followers(reasons, "evaluate_masks", "predict")
     per_variant, gathering = split_jobs(jobs)
-    assert per_variant == {"evaluate_masks", "predict", "export_predictions"}  # not the training
+    assert per_variant == {"evaluate_masks", "predict", "export_pngs"}  # not the training
     assert "summary" in gathering and not gathering & UPSTREAM
     metrics = [p for p in jobs["evaluate_masks"] if p.endswith("metrics.json")]
     assert len(metrics) == 2 * 3  # 2 variants x 3 stages (pseudo_masks, crf, segmenter)
@@ -205,7 +205,7 @@ def test_a_real_rerun_redoes_exactly_what_the_dry_run_said(finished, tmp_path):
     shutil.copytree(src, work, symlinks=True)  # copy2: mtimes and Snakemake's metadata kept
     config = tiny_config(work / "crf.yaml", work, crf__bi_w=5)
     predicted = plan(work, config)
-    assert split_jobs(predicted)[0] == {"crf", "export_crf", "evaluate_masks"}
+    assert split_jobs(predicted)[0] == {"crf", "export_pngs", "evaluate_masks"}
     before = {p: p.stat().st_mtime_ns for p in (work / RESULTS).rglob("*") if p.is_file()}
     snakemake(work, config)
     changed = {p.relative_to(work).as_posix() for p in (work / RESULTS).rglob("*")

@@ -18,7 +18,10 @@ import torch
 import eps.train as train_mod
 from eps.config import TRAIN_DEFAULTS
 from eps.errors import EpsError
-from eps.train import MEAN, STD, augment, load_classifier, make_optimizer, set_poly_lr, train_classifier
+from eps.data.imagenet import MEAN, STD
+from eps.models.classifier import load_classifier
+from eps.train import augment, train_classifier
+from eps.training import make_optimizer, set_poly_lr
 
 NUM_CLASSES = 5
 
@@ -136,7 +139,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, ki
 
     # Interrupted run: the second checkpoint (iteration 4) never happens; the log already
     # holds rows 1..4 (flushed just before it), the checkpoint is the one of iteration 2.
-    kill = kill_at_checkpoint(train_mod, 2)
+    kill = kill_at_checkpoint(2)
     run_dir = tmp_path / "run"
     with pytest.raises(kill.error):
         train(tiny, run_dir, iterations=n, checkpoint_every=2)
@@ -171,7 +174,7 @@ def test_identical_runs_give_identical_weights_and_seed_matters(tiny, tmp_path):
 
 def test_checkpoint_of_another_run_is_not_resumed(tiny, tmp_path, kill_at_checkpoint, capsys):
     """A rerun after a parameter change (Snakemake reruns into the same folder) starts afresh."""
-    kill = kill_at_checkpoint(train_mod, 1, save_first=True)
+    kill = kill_at_checkpoint(1, save_first=True)
     with pytest.raises(kill.error):
         train(tiny, tmp_path / "run", iterations=4, lr=0.01)
     kill.restore()

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eps.data.imagenet import MEAN, STD
 from eps.errors import EpsError
 
 SEGMENTERS = ("deeplab_v1_vgg16", "deeplab_v2_vgg16", "deeplab_v1_resnet101", "deeplab_v2_resnet101",
@@ -188,16 +189,14 @@ def _small_branch(in_ch: int, num_classes: int, rate: int, width: int = 64) -> n
     return nn.Sequential(conv, nn.GroupNorm(8, width), nn.ReLU(inplace=True), cls)
 
 
-# torchvision's input normalisation (eps.train.normalize) and the Caffe DeepLab one
-TORCHVISION_MEAN = (0.485, 0.456, 0.406)
-TORCHVISION_STD = (0.229, 0.224, 0.225)
+# the Caffe DeepLab input (the others take torchvision's, eps.data.imagenet.normalize)
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 
 
 def to_caffe_input(x: torch.Tensor) -> torch.Tensor:
     """torchvision-normalised RGB -> Caffe input: BGR in 0..255 minus the DeepLab mean."""
-    mean = x.new_tensor(TORCHVISION_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(TORCHVISION_STD).view(1, 3, 1, 1)
+    mean = x.new_tensor(MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(STD).view(1, 3, 1, 1)
     rgb255 = (x * std + mean) * 255.0
     return rgb255.flip(1) - x.new_tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
 
@@ -205,7 +204,7 @@ def to_caffe_input(x: torch.Tensor) -> torch.Tensor:
 class Segmenter(nn.Module):
     """``backbone`` (torchvision names) + ``head``; ``forward(x)`` -> logits at stride 8.
 
-    ``x`` is always normalised as torchvision's (``eps.train.normalize``); a ``caffe``
+    ``x`` is always normalised as torchvision's (``eps.data.imagenet.normalize``); a ``caffe``
     segmenter converts it to the Caffe input its DeepLab initialisation expects.
     """
 
@@ -324,3 +323,25 @@ def load_backbone(model: Segmenter, path, weights=None) -> list[str]:
     if weights.layout == "deeplab-resnet101" and not model.caffe:
         notes.append("a Caffe DeepLab initialisation in a torchvision-layout backbone: build with caffe=True")
     return notes
+
+
+def load_segmenter(path, device="cpu"):
+    """Rebuild a trained segmenter from `model.pt` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpsError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EpsError(f"{path}: cannot load segmenter ({type(exc).__name__}: {exc})") from None
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in state or "model" not in meta or "num_classes" not in meta:
+        raise EpsError(f"{path}: not an eps segmenter file (expected keys state_dict and meta)")
+    model = build_segmenter(meta["model"], meta["num_classes"], caffe=bool(meta.get("caffe", False)))
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        problem = " ".join(str(exc).split())
+        raise EpsError(f"{path}: weights do not fit a {meta['model']} segmenter "
+                       f"({problem[:297] + '...' if len(problem) > 300 else problem})") from None
+    return model.to(device).eval(), meta

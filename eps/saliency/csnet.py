@@ -39,12 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eps.data.imagenet import MEAN, STD
 from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 
 INPUT_SIZE = 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 DILATIONS = (1, 2, 4, 8, 16)
 SCALED = 100.0  # the authors' Conv2dX100
 BATCH = 8  # images per forward pass in `predict.batch`

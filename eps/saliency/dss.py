@@ -29,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from eps.data.imagenet import MEAN, STD
 from eps.errors import EpsError, file_error
 from eps.saliency import check_rgb, to_uint8
 from eps.saliency.pfan import vgg16_features
 
 INPUT_SIZE = 256
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 # (in channels, width, kernel) of each side output, and its tap in VGG16 `features`
 SIDES = ((64, 128, 3), (128, 128, 3), (256, 256, 5), (512, 256, 5), (512, 512, 5), (512, 512, 7))
 TAPS = (3, 8, 15, 22, 29)  # ReLU after conv1_2 ... conv5_3; side 5 reads pool5 (+ 3x3 average)

@@ -25,11 +25,7 @@ of an uninterrupted one. The result is an eps file (``torch.save`` of a dict wit
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import math
-import time
 from pathlib import Path
 
 import cv2
@@ -110,8 +106,8 @@ def _torchvision_conv1_to_pfan(state: dict) -> dict:
     the weights scale by 1 / (255 s) per input channel, the shift moves into the bias (exact
     away from the image border, where the zero padding stands for a different colour).
     """
+    from eps.data.imagenet import MEAN, STD
     from eps.saliency.pfan import INPUT_MEAN
-    from eps.train import MEAN, STD
 
     weight, bias = state["features.0.weight"], state["features.0.bias"]
     s = torch.tensor(STD).view(1, 3, 1, 1)
@@ -254,7 +250,7 @@ def prepare(method: str, image: np.ndarray, mask: np.ndarray, size: int, rng=Non
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
         mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
     else:
-        from eps.saliency.dss import MEAN, STD
+        from eps.data.imagenet import MEAN, STD
 
         if rng is not None and rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
@@ -266,7 +262,7 @@ def prepare(method: str, image: np.ndarray, mask: np.ndarray, size: int, rng=Non
 
 
 def _samples_class():
-    from eps.train import PositionSamples
+    from eps.training import PositionSamples
 
     class PairSamples(PositionSamples):
         """Image + mask pairs addressed by run position (deterministic order and augmentation)."""
@@ -323,10 +319,10 @@ def compute_loss(method: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def _run_key(method: str, p: dict, images, masks, init_digest: str) -> str:
     """What a checkpoint must match to be resumed: method, parameters, the files (names, sizes), init."""
+    from eps.training import run_key
+
     files = [(str(a.name), a.stat().st_size, str(b.name), b.stat().st_size) for a, b in zip(images, masks)]
-    data = {"method": method, "params": {k: v for k, v in p.items() if k not in _RUN_NEUTRAL},
-            "files": files, "init": init_digest}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    return run_key(p, _RUN_NEUTRAL, method=method, files=files, init=init_digest)
 
 
 def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", progress: bool = True) -> Path:
@@ -336,11 +332,8 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
     `checkpoint_every` iterations; a rerun with the same parameters and files resumes from
     it. The per-iteration log is copied to ``<out stem>_train_log.csv`` at the end.
     """
-    from torch.utils.data import DataLoader
-    from eps.progress import progress as progress_bar
-
     from eps.models.deeplab import sha256_file
-    from eps.train import _finish_checkpoints, _resume_checkpoint, _save_checkpoint, _unwrap_worker_errors
+    from eps.training import fit
 
     p = resolve_params(method, params)
     images, masks = list_pairs(images_dir, masks_dir)
@@ -356,54 +349,28 @@ def train(method: str, images_dir, masks_dir, out, params: dict, device="cpu", p
         print(f"{p['weights']}: initialised {init_note}", flush=True)
     model.to(device)
     optimizer = make_optimizer(model, method, p)
-
-    work = out.parent / "checkpoints"
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"{out.stem}-last.pt"
-    log_path = work / f"{out.stem}-train_log.csv"
     total = p["iterations"]
-    start = _resume_checkpoint(ckpt, run, model, optimizer, log_path, device, "parameters or files", LOG_FIELDS)
 
-    batch = p["batch_size"]
-    samples = _samples_class()(method, images, masks, p)
-    loader = DataLoader(samples, batch_size=batch, sampler=range(start * batch, total * batch),
-                        num_workers=p["num_workers"], drop_last=True)
-    model.train()
-    new_log = not log_path.exists()
-    t0 = time.time()
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-        if new_log:
-            writer.writeheader()
-        bar = progress_bar(_unwrap_worker_errors(loader), total=total - start, desc=f"train {method}",
-                   mininterval=2, disable=not progress)
-        for step, item in enumerate(bar, start=start):
-            factor = lr_factor(method, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            torch.manual_seed(p["seed"] * 1_000_003 + step)  # dropout: a function of the step
-            loss = compute_loss(method, model, item["image"].to(device), item["mask"].to(device))
-            if not math.isfinite(loss.item()):
-                kept = f"the last checkpoint is kept in {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
-                raise EpsError(f"{out}: loss became {loss.item()} at iteration {step + 1}; {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            lr = p["lr"] * factor
-            writer.writerow({"iteration": done, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
-                             "seconds": f"{time.time() - t0:.2f}"})
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
-            if done % p["checkpoint_every"] == 0 and done < total:  # the end writes the model itself
-                log_file.flush()
-                _save_checkpoint(ckpt, model, optimizer, done, run)
+    def lr_at(iteration):
+        factor = lr_factor(method, iteration, total)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        return p["lr"] * factor
 
-    from eps.data.io import atomic_path
+    def step(net, iteration, item):
+        torch.manual_seed(p["seed"] * 1_000_003 + iteration)  # dropout: a function of the step
+        loss = compute_loss(method, net, item["image"].to(device), item["mask"].to(device))
+        return loss, {"loss": loss.item()}
 
-    meta = {"method": method, "params": p, "images": len(images), "images_dir": str(images_dir),
-            "masks_dir": str(masks_dir), "init": init_note, "init_sha256": init_digest}
-    with atomic_path(out.with_name(f"{out.stem}_train_log.csv")) as tmp:
-        tmp.write_bytes(log_path.read_bytes())
-    save_model(model, method, out, meta)
-    _finish_checkpoints(work, ckpt, log_path)
+    def save():
+        meta = {"method": method, "params": p, "images": len(images), "images_dir": str(images_dir),
+                "masks_dir": str(masks_dir), "init": init_note, "init_sha256": init_digest}
+        save_model(model, method, out, meta)
+
+    fit(model, optimizer, _samples_class()(method, images, masks, p), step,
+        total=total, batch_size=p["batch_size"], num_workers=p["num_workers"],
+        checkpoint_every=p["checkpoint_every"], work=out.parent / "checkpoints", key=run,
+        inputs="parameters or files", fields=LOG_FIELDS, lr_at=lr_at, desc=f"train {method}", name=out,
+        device=device, log_copy=out.with_name(f"{out.stem}_train_log.csv"), save=save,
+        prefix=f"{out.stem}-", show=progress)
     return out

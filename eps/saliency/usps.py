@@ -15,8 +15,6 @@ input size. `TRAIN_DEFAULTS` trains on a CPU in minutes; `GPU_PRESET` is a bigge
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import cv2
@@ -24,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from eps.progress import progress as progress_bar
 
+from eps.data import imagenet
 from eps.data.io import atomic_path, read_image
 from eps.errors import EpsError, file_error
+from eps.progress import progress as progress_bar
 from eps.saliency import check_rgb, to_uint8
+from eps.training import run_key
 
 FORMAT = "eps.usps"
 FORMAT_VERSION = 1
@@ -66,8 +66,8 @@ GPU_PRESET = {
 
 CRF_PARAMS = {"bi_w": 5.0, "bi_xy": 30.0, "bi_rgb": 10.0, "pos_w": 3.0, "pos_xy": 2.0, "iterations": 5}
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(imagenet.MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(imagenet.STD).view(1, 3, 1, 1)
 
 
 def _conv(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -259,12 +259,6 @@ def _check_params(params: dict | None) -> dict:
     return params
 
 
-def _run_key(params: dict, image_paths) -> str:
-    """What a round checkpoint must match to be resumed: the parameters and the images."""
-    data = {"params": params, "images": [str(p) for p in image_paths]}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _load_images(image_paths, params: dict, progress: bool):
     """Network inputs (N, S, S, C) uint8, round-1 labels and weights (N, S, S) float32, prior names."""
     stacks, labels, weights = [], [], []
@@ -356,7 +350,7 @@ def train(image_paths: list[str], out, params: dict | None = None, device="cpu",
     if params["init"]:
         init = _read_checkpoint(params["init"])
         _load_state(model, init["state_dict"], params["init"])
-    run = _run_key(params, image_paths)
+    run = run_key(params, images=[str(p) for p in image_paths])  # what a round checkpoint must match
     partial = out.with_name(out.name + ".round")
     state = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
     if state is not None and state.get("run") != run:

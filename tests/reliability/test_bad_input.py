@@ -577,7 +577,7 @@ def test_stage_parameters_are_checked_as_the_config_is(indexed, command, params,
 ])
 def test_a_cam_entry_with_a_missing_or_inconsistent_attribute(tmp_path, damage, problem):
     from eps.data.io import atomic_h5
-    from eps.infer import write_cams
+    from eps.shards import write_cams
 
     cams = tmp_path / "cams.h5"
     with atomic_h5(cams, "eps.cams", "t") as f:
@@ -591,7 +591,7 @@ def test_a_cam_entry_with_a_missing_or_inconsistent_attribute(tmp_path, damage, 
 
 def test_a_damaged_hdf5_chunk(tmp_path):
     from eps.data.io import atomic_h5
-    from eps.infer import write_cams
+    from eps.shards import write_cams
 
     cams = tmp_path / "cams.h5"
     with atomic_h5(cams, "eps.cams", "t") as f:

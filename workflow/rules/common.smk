@@ -1,6 +1,7 @@
 # Validation, shard helpers and parameter hashing shared by every rule.
 import json
 import os
+import re
 import shlex
 import shutil
 import sys

@@ -1,4 +1,4 @@
-# Multi-scale CAMs, pseudo-masks (HDF5 shards) and their PNG export.
+# Multi-scale CAMs and pseudo-masks (HDF5 shards); their PNG export: export_pngs (segment.smk).
 
 
 rule infer_cams:
@@ -18,7 +18,7 @@ rule infer_cams:
         gpu=1,
     params:
         infer=as_json(with_device(config["infer"])),
-        code=code_hash("eps/infer.py", "eps/train.py", "eps/models"),
+        code=code_hash("eps/infer.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps infer-cams --index {input.index} --classifier {input.classifier} "
         "--split {wildcards.split} --shard {wildcards.scatteritem} --params {params.infer:q} "
@@ -39,24 +39,6 @@ rule pseudo_masks:
     params:
         masks=as_json(config["pseudo_masks"]),
         dataset=DS,
-        code=code_hash("eps/infer.py"),
+        code=code_hash("eps/shards.py"),
     shell:
         "eps pseudo-masks --cams {input} --dataset {params.dataset} --params {params.masks:q} --out {output} > {log} 2>&1"
-
-
-rule export_masks:
-    input:
-        gather.shard(f"{RESULTS}/{{{{variant}}}}/masks/{{{{split}}}}/shard-{{scatteritem}}.h5"),
-    output:
-        directory(f"{RESULTS}/{{variant}}/masks/{{split}}/png"),
-    log:
-        f"{RESULTS}/logs/export_masks/{{variant}}/{{split}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/export_masks/{{variant}}/{{split}}.tsv"
-    conda:
-        "../../envs/eps.yaml"
-    params:
-        dataset=DS,
-        code=code_hash("eps/infer.py"),
-    shell:
-        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"

@@ -1,5 +1,6 @@
 # Refinement and segmentation: dense CRF of pseudo-masks, DeepLab trained on pseudo-masks,
-# multi-scale + flip prediction (optionally CRF-refined), PNG export. See docs/segmentation.md.
+# multi-scale + flip prediction (optionally CRF-refined), the PNG export of every mask stage.
+# See docs/segmentation.md.
 
 # the crf block with the pseudo-mask threshold, the one key for the background of both
 CRF = {**config["crf"], "bg_threshold": config["pseudo_masks"]["bg_threshold"]}
@@ -66,23 +67,26 @@ rule crf:
         "--params {params.crf:q} --workers {threads} --out {output} > {log} 2>&1"
 
 
-rule export_crf:
+# One export for every stage whose masks are shards: pseudo-masks, their CRF and the
+# segmenter's predictions (with or without CRF); {kind} is the stage's folder (STAGE_DIRS).
+rule export_pngs:
     input:
-        gather.shard(f"{RESULTS}/{{{{variant}}}}/masks_crf/{{{{split}}}}/shard-{{scatteritem}}.h5"),
+        gather.shard(f"{RESULTS}/{{{{variant}}}}/{{{{kind}}}}/{{{{split}}}}/shard-{{scatteritem}}.h5"),
     output:
-        directory(f"{RESULTS}/{{variant}}/masks_crf/{{split}}/png"),
+        directory(f"{RESULTS}/{{variant}}/{{kind}}/{{split}}/png"),
     log:
-        f"{RESULTS}/logs/export_crf/{{variant}}/{{split}}.log",
+        f"{RESULTS}/logs/export_pngs/{{variant}}/{{kind}}/{{split}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/export_crf/{{variant}}/{{split}}.tsv"
+        f"{RESULTS}/benchmarks/export_pngs/{{variant}}/{{kind}}/{{split}}.tsv"
     wildcard_constraints:
         variant="[^/]+",
+        kind="|".join(re.escape(d) for d in STAGE_DIRS.values()),
         split="[^/]+",
     conda:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash("eps/infer.py"),
+        code=code_hash("eps/shards.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
@@ -114,7 +118,7 @@ rule train_segmenter:
             {**SEG_TRAIN, "weights": f"{RESULTS}/{w.variant}/classifier.pt"} if SEG_FROM_CLASSIFIER else SEG_TRAIN
         ),
         split=config["train_split"],
-        code=code_hash("eps/segment.py", "eps/train.py", "eps/models"),
+        code=code_hash("eps/segment.py", "eps/models"),
     shell:
         "EPS_THREADS={threads} eps train-segmenter --index {input.index} --masks {input.masks} "
         "--split {params.split} --params {params.segmenter:q} --out {output.model} > {log} 2>&1"
@@ -151,28 +155,6 @@ rule predict:
         "{params.crf} --workers {threads} --out {output.pred} > {log} 2>&1"
 
 
-rule export_predictions:
-    input:
-        gather.shard(f"{RESULTS}/{{{{variant}}}}/{SEG_NAME}/{{{{kind}}}}/{{{{split}}}}/shard-{{scatteritem}}.h5"),
-    output:
-        directory(f"{SEG_DIR}/{{kind}}/{{split}}/png"),
-    log:
-        f"{RESULTS}/logs/export_predictions/{{variant}}/{{kind}}/{{split}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/export_predictions/{{variant}}/{{kind}}/{{split}}.tsv"
-    wildcard_constraints:
-        variant="[^/]+",
-        kind="pred|pred_crf",
-        split="[^/]+",
-    conda:
-        "../../envs/eps.yaml"
-    params:
-        dataset=DS,
-        code=code_hash("eps/infer.py"),
-    shell:
-        "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
-
-
 # Test-set predictions in the layout of the PASCAL VOC evaluation server (only with
 # segmenter.predict.test_split set): `snakemake --cores N server_layout`, then archive
 # results/{ds}/{variant}/{segmenter}/server/results/ and upload it.
@@ -195,7 +177,7 @@ rule server_export:
         "../../envs/eps.yaml"
     params:
         dataset=DS,
-        code=code_hash("eps/infer.py"),
+        code=code_hash("eps/shards.py"),
     shell:
         "eps export-masks --masks {input} --dataset {params.dataset} --out {output} > {log} 2>&1"
 
