@@ -123,7 +123,8 @@ def bench_rows(results: Path, variants) -> dict:
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
         parts = tsv.relative_to(results / "benchmarks").with_suffix("").parts
         variant = parts[1] if len(parts) > 1 and parts[1] in variants else ""
-        rule = f"{parts[0]} {parts[2]}" if parts[0] == "export_pngs" else parts[0]  # one row per mask kind
+        # export_pngs/{variant}/{kind}/{split}: one row per mask kind (kind may hold a "/")
+        rule = f"{parts[0]} {'/'.join(parts[2:-1])}" if parts[0] == "export_pngs" else parts[0]
         with open(tsv) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
         acc = out.setdefault((rule, variant), {"jobs": 0, "wall": 0.0, "cpu": 0.0, "rss": 0.0})

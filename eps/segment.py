@@ -9,7 +9,7 @@ flipped, padded to the crop (image with the mean, i.e. 0 after normalisation, la
 parameter groups of DeepLab (lr / 2x lr for backbone weights / biases, 10x / 20x lr for
 the new head); ResNet-101 keeps BatchNorm frozen.
 
-The training loop is the classifier's (``eps.training.fit``): the sample order, every augmentation and the
+The training loop is the shared one (``eps.training.fit``, as the classifier's): the sample order, every augmentation and the
 dropout masks are a pure function of (seed, iteration), checkpoints are written every
 ``checkpoint_every`` iterations with a key of the run (parameters, images, pseudo-mask
 contents, init file), and a run resumed from a checkpoint ends with the weights of an

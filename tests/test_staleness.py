@@ -9,7 +9,7 @@ the jobs a dry run lists are what a real run would redo:
 - tau of the eps variant: its classifier and what follows; not saliency, not the cam variant;
 - eps/metrics.py edited: the evaluations and the prediction stage, which scores its shard
   (the rules hash what their modules import: workflow/stage_code.py), and what follows;
-- eps/train.py edited: training, the stages that load a trained model, and what follows.
+- eps/train.py edited: the classifiers' training for its code, and what follows from their weights.
 
 One change (CRF) is also rerun for real, in a copy of the finished run, to check that the
 dry run told the truth: the CRF outputs are new, everything upstream is untouched, and a

@@ -133,7 +133,7 @@ def check_outputs(results: Path, variants, num_ids: int, split: str = "train", s
                 assert f.attrs["format"] == "eps.cams"
                 for key in f:
                     seen.add(key)
-                    assert f[key].dtype == np.float32 and "shapes" in f[key].attrs  # eps.infer.write_cams
+                    assert f[key].dtype == np.float32 and "shapes" in f[key].attrs  # eps.shards.write_cams
         assert seen == set(ids)
         assert not list(vdir.rglob("*.tmp"))
         pngs = sorted((vdir / "masks" / split / "png").glob("*.png"))
