@@ -7,8 +7,6 @@ prefix), so a ResNet-38 classifier has exactly the state_dict names of the offic
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,13 +89,9 @@ def build_classifier(backbone: str, num_classes: int, background: bool = True) -
 
 def load_classifier(path, device="cpu"):
     """Rebuild a trained classifier from `classifier.pt` (weights_only): `(model in eval mode, meta)`."""
-    path = Path(path)
-    if not path.is_file():
-        raise EpsError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EpsError(f"{path}: cannot load classifier ({type(exc).__name__}: {exc})") from None
+    from eps.models.convert import load_fitting, read_model_file
+
+    state = read_model_file(path, "classifier")
     if not isinstance(state, dict) or "state_dict" not in state or "meta" not in state:
         raise EpsError(f"{path}: not an eps classifier file (expected keys state_dict and meta)")
     meta = state["meta"]
@@ -105,11 +99,5 @@ def load_classifier(path, device="cpu"):
     if not isinstance(meta, dict) or any(k not in meta for k in needed):
         raise EpsError(f"{path}: not an eps classifier file (meta lacks {', '.join(needed)})")
     model = build_classifier(meta["backbone"], meta["num_classes"], background=meta["background"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        problem = " ".join(str(exc).split())
-        if len(problem) > 300:
-            problem = problem[:297] + "..."
-        raise EpsError(f"{path}: weights do not fit the {meta['backbone']} classifier ({problem})") from None
+    load_fitting(model, state["state_dict"], path, f"the {meta['backbone']} classifier")
     return model.to(device).eval(), meta

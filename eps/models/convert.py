@@ -97,6 +97,29 @@ def short_list(keys, limit: int = 5) -> str:
     return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def read_model_file(path, what: str):
+    """The contents of a model file eps wrote (`classifier.pt`, `model.pt`), torch.load weights_only;
+    a missing or unreadable file is a one-line error naming it and `what` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpsError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EpsError(f"{path}: cannot load {what} ({type(exc).__name__}: {exc})") from None
+
+
+def load_fitting(model, state_dict, path, what: str) -> None:
+    """`model.load_state_dict(state_dict)`, or one line saying the weights of `path` do not fit `what`."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        problem = " ".join(str(exc).split())
+        if len(problem) > 300:
+            problem = problem[:297] + "..."
+        raise EpsError(f"{path}: weights do not fit {what} ({problem})") from None
+
+
 @dataclass
 class Weights:
     """A state_dict read from a file and renamed to its target architecture's names."""

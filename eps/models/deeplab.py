@@ -327,21 +327,12 @@ def load_backbone(model: Segmenter, path, weights=None) -> list[str]:
 
 def load_segmenter(path, device="cpu"):
     """Rebuild a trained segmenter from `model.pt` (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EpsError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EpsError(f"{path}: cannot load segmenter ({type(exc).__name__}: {exc})") from None
+    from eps.models.convert import load_fitting, read_model_file
+
+    state = read_model_file(path, "segmenter")
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "state_dict" not in state or "model" not in meta or "num_classes" not in meta:
         raise EpsError(f"{path}: not an eps segmenter file (expected keys state_dict and meta)")
     model = build_segmenter(meta["model"], meta["num_classes"], caffe=bool(meta.get("caffe", False)))
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        problem = " ".join(str(exc).split())
-        raise EpsError(f"{path}: weights do not fit a {meta['model']} segmenter "
-                       f"({problem[:297] + '...' if len(problem) > 300 else problem})") from None
+    load_fitting(model, state["state_dict"], path, f"a {meta['model']} segmenter")
     return model.to(device).eval(), meta
