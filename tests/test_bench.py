@@ -18,10 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
-def run_script(name: str, *args: str, timeout: int = 120) -> str:
+def run_script_raw(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(name: str, *args: str, timeout: int = 120) -> str:
+    proc = run_script_raw(name, *args, timeout=timeout)
     assert proc.returncode == 0, f"bench/{name}.py failed:\n{proc.stdout}\n{proc.stderr}"
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines, f"bench/{name}.py printed nothing"
@@ -107,3 +111,27 @@ def test_voc_scale_builds_the_dataset_and_its_dag(tmp_path):
                 Image.open(root / "SegmentationClassAug" / f"{image_id}.png") as mask:
             assert img.size == mask.size
     assert "snakemake -n:" in out and "(shards 2)" in out
+
+
+def test_photos_scaled_quick(tmp_path):
+    out = run_or_skip("photos_scaled", "--out", str(tmp_path / "scaled"))
+    assert "10 train and 4 val photos" in out
+    root = tmp_path / "scaled" / "voc"
+    train = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert len(train) == 10 and len(set(train)) == 10
+    import numpy as np
+    labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    assert set(train) <= set(labels)
+    for i in train:
+        assert (root / "JPEGImages" / f"{i}.jpg").exists() and (root / "SALImages" / f"{i}.png").exists()
+    # a folder that holds anything is refused, nothing in it touched
+    again = run_script_raw("photos_scaled", "--out", str(tmp_path / "scaled"))
+    assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_photos_scaled_repeats_ids_under_new_names():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("photos_scaled", BENCH / "photos_scaled.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.repeated_ids(["a", "b"], 5) == [("a", "a"), ("b", "b"), ("a_c1", "a"), ("b_c1", "b"), ("a_c2", "a")]

@@ -252,3 +252,17 @@ def test_index_takes_pascal_context_mat(tiny_voc, tmp_path):
     (ctx / "2007_000001.mat").unlink()
     with pytest.raises(EpsError, match="no context file for any listed id"):
         build_index(dataset, tmp_path / "index2.csv")
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 1.5, 2, 3.7, 8, 11])
+def test_pixels_near_an_edge_are_those_of_the_distance_transform(tolerance):
+    from scipy import ndimage
+
+    from eps.metrics import _near
+
+    rng = np.random.default_rng(int(tolerance * 10))
+    for shape, density in (((37, 53), 0.02), ((40, 31), 0.3), ((25, 25), 0.0)):
+        edges = rng.random(shape) < density
+        edges[0, 5] = edges[-1, -1] = density > 0  # edges on the border: shifts must not wrap around
+        expected = (ndimage.distance_transform_edt(~edges) <= tolerance) if edges.any() else np.zeros(shape, bool)
+        assert np.array_equal(_near(edges, tolerance), expected)

@@ -165,3 +165,69 @@ def test_a_segmenter_from_a_classifier_starts_with_its_cams(tmp_path, background
         torch.testing.assert_close(logits[:, 1:], cam, rtol=1e-4, atol=1e-4)
     v1 = build_segmenter("deeplab_v1_efficientnet_lite0", 9)
     assert "random start" in head_from_classifier(v1, path)
+
+
+def _random_bn_statistics(model: torch.nn.Module) -> None:
+    """BN layers whose folding would show: statistics and affine parameters far from 0 / 1."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+def test_folded_batchnorm_gives_the_same_classifier_and_segmenter_maps(tmp_path):
+    from eps.models.classifier import load_classifier
+    from eps.models.deeplab import load_segmenter
+
+    torch.manual_seed(0)
+    classifier = build_classifier("efficientnet_lite0", 8, background=True)
+    _random_bn_statistics(classifier)
+    segmenter = build_segmenter("deeplab_v2_efficientnet_lite0", 9)
+    _random_bn_statistics(segmenter)
+    torch.save({"state_dict": classifier.state_dict(),
+                "meta": {"backbone": "efficientnet_lite0", "num_classes": 8, "background": True}},
+               tmp_path / "classifier.pt")
+    torch.save({"state_dict": segmenter.state_dict(),
+                "meta": {"model": "deeplab_v2_efficientnet_lite0", "num_classes": 9}}, tmp_path / "model.pt")
+    x = torch.randn(2, 3, 75, 101)  # odd sizes: the stride-2 convolutions pad unevenly
+    with torch.no_grad():
+        expected_cam, expected_logits = classifier.eval().forward_cam(x), segmenter.eval()(x)
+        folded_classifier, _ = load_classifier(tmp_path / "classifier.pt")
+        folded_segmenter, _ = load_segmenter(tmp_path / "model.pt")
+        cam, logits = folded_classifier.forward_cam(x), folded_segmenter(x)
+    for model in (folded_classifier, folded_segmenter):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_classifier._backbone._net.modules())
+    scale = expected_cam.abs().max()
+    torch.testing.assert_close(cam, expected_cam, rtol=1e-4, atol=1e-4 * float(scale))
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4 * float(expected_logits.abs().max()))
+    with torch.no_grad():  # folding again changes nothing
+        from eps.models.efficientnet import fold_batchnorm
+        assert torch.equal(fold_batchnorm(folded_classifier).forward_cam(x), cam)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47)])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_same_padding_equals_explicit_tensorflow_padding(size, stride, dilation):
+    import math
+
+    import torch.nn.functional as F
+
+    from eps.models.efficientnet import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 6, 5, stride, dilation=dilation)
+    x = torch.randn(1, 4, *size)
+    pads = []
+    for n in size:  # TensorFlow's SAME: output ceil(n / stride), the odd pixel of padding at the end
+        total = max((math.ceil(n / stride) - 1) * stride + 4 * dilation + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    padded = F.pad(x, (*pads[1], *pads[0]))
+    expected = F.conv2d(padded, conv.weight, None, stride, 0, dilation)
+    got = conv(x)
+    assert got.shape[-2:] == tuple(math.ceil(n / stride) for n in size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eps.errors import EpsError
-from eps.models.efficientnet import Lite0Backbone
+from eps.models.efficientnet import Lite0Backbone, fold_batchnorm
 from eps.models.resnet38 import ResNet38
 from eps.models.small import SmallNet
 
@@ -88,7 +88,8 @@ def build_classifier(backbone: str, num_classes: int, background: bool = True) -
 
 
 def load_classifier(path, device="cpu"):
-    """Rebuild a trained classifier from `classifier.pt` (weights_only): `(model in eval mode, meta)`."""
+    """Rebuild a trained classifier from `classifier.pt` (weights_only): `(model in eval mode, meta)`,
+    for inference (a Lite0 backbone's BatchNorm folded into its convolutions)."""
     from eps.models.convert import load_fitting, read_model_file
 
     state = read_model_file(path, "classifier")
@@ -100,4 +101,4 @@ def load_classifier(path, device="cpu"):
         raise EpsError(f"{path}: not an eps classifier file (meta lacks {', '.join(needed)})")
     model = build_classifier(meta["backbone"], meta["num_classes"], background=meta["background"])
     load_fitting(model, state["state_dict"], path, f"the {meta['backbone']} classifier")
-    return model.to(device).eval(), meta
+    return fold_batchnorm(model.eval()).to(device), meta

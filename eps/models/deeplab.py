@@ -326,8 +326,10 @@ def load_backbone(model: Segmenter, path, weights=None) -> list[str]:
 
 
 def load_segmenter(path, device="cpu"):
-    """Rebuild a trained segmenter from `model.pt` (weights_only)."""
+    """Rebuild a trained segmenter from `model.pt` (weights_only), in eval mode for inference (a
+    Lite0 backbone's BatchNorm folded into its convolutions)."""
     from eps.models.convert import load_fitting, read_model_file
+    from eps.models.efficientnet import fold_batchnorm
 
     state = read_model_file(path, "segmenter")
     meta = state.get("meta") if isinstance(state, dict) else None
@@ -335,4 +337,4 @@ def load_segmenter(path, device="cpu"):
         raise EpsError(f"{path}: not an eps segmenter file (expected keys state_dict and meta)")
     model = build_segmenter(meta["model"], meta["num_classes"], caffe=bool(meta.get("caffe", False)))
     load_fitting(model, state["state_dict"], path, f"a {meta['model']} segmenter")
-    return model.to(device).eval(), meta
+    return fold_batchnorm(model.eval()).to(device), meta

@@ -1,0 +1,83 @@
+"""The real-photo preset at the size of a larger VOC-layout folder: a folder of `voc12_photos`
+repeated under new ids (symbolic links) until it has `--train` train and `--val` val photos,
+and the overlay that points `configs/voc12_cpu.yaml` at it.
+
+For run time and memory only: the copies add no new photos, so the scores of a run on it say
+nothing that the original 822 + 140 do not. A copy's id is the photo's id with `_c1`, `_c2`, ...
+appended; its image, mask, saliency map and labels are the photo's.
+
+    python bench/photos_scaled.py --train 2050 --val 280 --out results/photos_2050
+    snakemake --cores 2 --configfile configs/voc12_cpu.yaml results/photos_2050/overlay.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+FOLDERS = (("JPEGImages", ".jpg"), ("SegmentationClassAug", ".png"), ("SALImages", ".png"))
+
+
+def repeated_ids(ids: list[str], count: int) -> list[tuple[str, str]]:
+    """(new id, source id) pairs: the ids themselves first, then copies `_c1`, `_c2`, ... in order."""
+    pairs = []
+    for k in range(count):
+        source = ids[k % len(ids)]
+        copy = k // len(ids)
+        pairs.append((source if copy == 0 else f"{source}_c{copy}", source))
+    return pairs
+
+
+def build(source: Path, out: Path, counts: dict[str, int], name: str) -> Path:
+    """The scaled folder under `out/voc` and `out/overlay.yaml`; refuses an `out` that holds anything."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: not empty; give a new folder")
+    root = out / "voc"
+    for folder, _ in FOLDERS:
+        (root / folder).mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    labels = np.load(source / "cls_labels.npy", allow_pickle=True).item()
+    new_labels = {}
+    for split, count in counts.items():
+        ids = (source / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        pairs = repeated_ids(ids, count)
+        for new, old in pairs:
+            for folder, ext in FOLDERS:
+                (root / folder / f"{new}{ext}").symlink_to((source / folder / f"{old}{ext}").resolve())
+            new_labels[new] = labels[old]
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n, _ in pairs))
+    np.save(root / "cls_labels.npy", new_labels)
+    overlay = out / "overlay.yaml"
+    overlay.write_text(f"dataset: {{name: {name}, root: {root.resolve()}}}\n")
+    return overlay
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny folder (10 train, 4 val; the test suite)")
+    parser.add_argument("--train", type=int, default=2050)
+    parser.add_argument("--val", type=int, default=280)
+    parser.add_argument("--out", type=Path, default=Path("results/photos_scaled"))
+    parser.add_argument("--name", default=None, help="dataset.name of the overlay (default: photos_<train>)")
+    args = parser.parse_args(argv)
+    _common.header("photos_scaled", argv=argv)
+    shared = _common.shared_dir()
+    source = shared / "data" / "voc12_photos" if shared else None
+    if source is None or not source.is_dir():
+        _common.summary("photos_scaled: skipped (no ../shared/data/voc12_photos)")
+        return
+    counts = {"train": 10, "val": 4} if args.quick else {"train": args.train, "val": args.val}
+    overlay = build(source, args.out, counts, args.name or f"photos_{counts['train']}")
+    print(f"overlay: {overlay}")
+    _common.summary(f"photos_scaled: {counts['train']} train and {counts['val']} val photos under "
+                    f"{args.out / 'voc'}, overlay {overlay}")
+
+
+if __name__ == "__main__":
+    main()
