@@ -13,6 +13,7 @@ appended; its image, mask, saliency map and labels are the photo's.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,18 +36,27 @@ def repeated_ids(ids: list[str], count: int) -> list[tuple[str, str]]:
 
 
 def build(source: Path, out: Path, counts: dict[str, int], name: str) -> Path:
-    """The scaled folder under `out/voc` and `out/overlay.yaml`; refuses an `out` that holds anything."""
+    """The scaled folder under `out/voc` and `out/overlay.yaml`; refuses an `out` that holds
+    anything, and checks every source file before it writes."""
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; give a new folder")
+    labels = np.load(source / "cls_labels.npy", allow_pickle=True).item()
+    plan = {}
+    for split, count in counts.items():
+        ids = (source / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        if not ids:
+            raise SystemExit(f"{source}/ImageSets/Segmentation/{split}.txt: no ids")
+        for i in ids:
+            missing = [f"{folder}/{i}{ext}" for folder, ext in FOLDERS if not (source / folder / f"{i}{ext}").is_file()]
+            if i not in labels or missing:
+                raise SystemExit(f"{source}: {i} lacks {', '.join(missing) or 'a label in cls_labels.npy'}")
+        plan[split] = repeated_ids(ids, count)
     root = out / "voc"
     for folder, _ in FOLDERS:
         (root / folder).mkdir(parents=True)
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    labels = np.load(source / "cls_labels.npy", allow_pickle=True).item()
     new_labels = {}
-    for split, count in counts.items():
-        ids = (source / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-        pairs = repeated_ids(ids, count)
+    for split, pairs in plan.items():
         for new, old in pairs:
             for folder, ext in FOLDERS:
                 (root / folder / f"{new}{ext}").symlink_to((source / folder / f"{old}{ext}").resolve())
@@ -54,7 +64,7 @@ def build(source: Path, out: Path, counts: dict[str, int], name: str) -> Path:
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n, _ in pairs))
     np.save(root / "cls_labels.npy", new_labels)
     overlay = out / "overlay.yaml"
-    overlay.write_text(f"dataset: {{name: {name}, root: {root.resolve()}}}\n")
+    overlay.write_text(f"dataset: {{name: {json.dumps(name)}, root: {json.dumps(str(root.resolve()))}}}\n")
     return overlay
 
 

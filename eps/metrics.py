@@ -426,7 +426,8 @@ def fill_void(mask, num_classes: int) -> np.ndarray:
 
 
 # Up to this tolerance the pixels near an edge are found by shifting the edge map over a disk
-# (21 shifts at 2 px: ten times faster than a distance transform); beyond it, by the transform.
+# (12 shifts at 2 px: `evaluate-masks` 5x faster than with a distance transform); beyond it,
+# by the transform.
 SHIFT_TOLERANCE = 8
 
 
@@ -443,7 +444,7 @@ def _near(edges: np.ndarray, tolerance: float) -> np.ndarray:
     h, w = edges.shape
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            if (dy or dx) and dy * dy + dx * dx <= tolerance * tolerance:
+            if (dy or dx) and dy * dy + dx * dx <= tolerance * tolerance and abs(dy) < h and abs(dx) < w:
                 near[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
                     edges[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
     return near

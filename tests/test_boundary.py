@@ -261,7 +261,7 @@ def test_pixels_near_an_edge_are_those_of_the_distance_transform(tolerance):
     from eps.metrics import _near
 
     rng = np.random.default_rng(int(tolerance * 10))
-    for shape, density in (((37, 53), 0.02), ((40, 31), 0.3), ((25, 25), 0.0)):
+    for shape, density in (((37, 53), 0.02), ((40, 31), 0.3), ((25, 25), 0.0), ((3, 20), 0.1), ((1, 9), 0.3)):
         edges = rng.random(shape) < density
         edges[0, 5] = edges[-1, -1] = density > 0  # edges on the border: shifts must not wrap around
         expected = (ndimage.distance_transform_edt(~edges) <= tolerance) if edges.any() else np.zeros(shape, bool)

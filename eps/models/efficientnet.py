@@ -214,6 +214,8 @@ class Lite0Backbone(nn.Module):
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """`model` (eval mode, for inference only) with the BatchNorm of every Lite0 inside it folded."""
+    if model.training:
+        raise ValueError("fold_batchnorm: the model must be in eval mode (folding uses the running statistics)")
     for module in list(model.modules()):
         inner = getattr(module, "_backbone", module)  # a Classifier keeps its backbone out of the module tree
         if isinstance(inner, (EfficientNetLite0, Lite0Backbone)):
