@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny folder (10 train, 4 val; the test suite)")
     parser.add_argument("--train", type=int, default=2050)
     parser.add_argument("--val", type=int, default=280)
-    parser.add_argument("--out", type=Path, default=Path("results/photos_scaled"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a new or empty folder (default: a new temporary folder)")
     parser.add_argument("--name", default=None, help="dataset.name of the overlay (default: photos_<train>)")
     args = parser.parse_args(argv)
     _common.header("photos_scaled", argv=argv)
@@ -83,10 +85,11 @@ def main(argv=None) -> None:
         _common.summary("photos_scaled: skipped (no ../shared/data/voc12_photos)")
         return
     counts = {"train": 10, "val": 4} if args.quick else {"train": args.train, "val": args.val}
-    overlay = build(source, args.out, counts, args.name or f"photos_{counts['train']}")
+    out = args.out or Path(tempfile.mkdtemp(prefix="eps-photos-scaled-"))
+    overlay = build(source, out, counts, args.name or f"photos_{counts['train']}")
     print(f"overlay: {overlay}")
     _common.summary(f"photos_scaled: {counts['train']} train and {counts['val']} val photos under "
-                    f"{args.out / 'voc'}, overlay {overlay}")
+                    f"{out / 'voc'}, overlay {overlay}")
 
 
 if __name__ == "__main__":
