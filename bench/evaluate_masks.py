@@ -122,8 +122,8 @@ class IOUMetric:
 
 def official_evaluate(pred_dir: Path, gt_dir: Path, ids, per_image: bool = False) -> tuple[float, np.ndarray]:
     """The official loop. As released, `add_batch(pred, gt)` receives one image, so its
-    `zip(predictions, gts)` walks the image's rows: one histogram per row (about three
-    quarters of the loop's time). `per_image` passes the image as a batch of one instead:
+    `zip(predictions, gts)` walks the image's rows: one histogram per row (about half of
+    the loop's time). `per_image` passes the image as a batch of one instead:
     the same histogram, one `bincount` per image."""
     metric = IOUMetric(NUM_CLASSES)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -6,8 +6,10 @@ For run time and memory only: the copies add no new photos, so the scores of a r
 nothing that the original 822 + 140 do not. A copy's id is the photo's id with `_c1`, `_c2`, ...
 appended; its image, mask, saliency map and labels are the photo's.
 
-    python bench/photos_scaled.py --train 2050 --val 280 --out results/photos_2050
-    snakemake --cores 2 --configfile configs/voc12_cpu.yaml results/photos_2050/overlay.yaml
+    python bench/photos_scaled.py --train 2050 --val 280 --out /tmp/photos_2050
+    snakemake --cores 2 --configfile configs/voc12_cpu.yaml /tmp/photos_2050/overlay.yaml
+
+Without `--out`, a new temporary folder (links only; remove it when done).
 """
 
 from __future__ import annotations
