@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from eps.errors import EpsError
 
@@ -66,16 +67,6 @@ class SameConv2d(nn.Conv2d):
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
         x = F.pad(x, (left, right, top, bottom))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold eval-mode `bn` into `conv` (BN is then the identity): the same output, one pass fewer."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - bn.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias.detach() * scale
-    conv.weight = nn.Parameter(conv.weight.detach() * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-    conv.bias = nn.Parameter(shift, requires_grad=False)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
@@ -163,8 +154,12 @@ class EfficientNetLite0(nn.Module):
             names = (("_expand_conv", "_bn0"),) if block.expand else ()
             pairs += [(block, conv, bn) for conv, bn in names + (("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))]
         for owner, conv, bn in pairs:
-            if isinstance(getattr(owner, bn), nn.BatchNorm2d):
-                _fold(getattr(owner, conv), getattr(owner, bn))
+            norm = getattr(owner, bn)
+            if isinstance(norm, nn.BatchNorm2d):
+                c = getattr(owner, conv)
+                with torch.no_grad():
+                    c.weight, c.bias = fuse_conv_bn_weights(c.weight, c.bias, norm.running_mean, norm.running_var,
+                                                            norm.eps, norm.weight, norm.bias)
                 setattr(owner, bn, nn.Identity())
         return self
 
