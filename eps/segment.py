@@ -55,6 +55,7 @@ SEGMENT_DEFAULTS = {
     "scale_range": [0.7, 1.3],
     "lr": 0.02,
     "head_lr_mult": 10,  # the head's lr (weights; biases 2x that) in units of lr: DeepLab's 10
+    "repeat_threshold": 0.0,  # repeat photos of rare classes (repeat_factors); 0 = each photo once per epoch
     "weight_decay": 5e-4,
     "momentum": 0.9,
     "poly_power": 0.9,
@@ -98,18 +99,54 @@ def augment_pair(image, label, rng, scale_range, crop):
     return image, label
 
 
+def repeat_factors(labels, threshold: float) -> np.ndarray:
+    """How often each photo appears in an epoch: repeat-factor sampling (Gupta et al., LVIS, 2019).
+
+    A class in a fraction f of the photos gets r = max(1, sqrt(threshold / f)); a photo gets the
+    largest r of its image-level labels (1 without labels). A segmenter trained on pseudo-masks
+    otherwise sees a class in 3% of the photos too rarely to tell it from its neighbours (sheep
+    from cow, sofa from chair). threshold 0 gives 1 everywhere.
+    """
+    labels = [list(ls) for ls in labels]
+    factors = np.ones(len(labels))
+    if threshold <= 0 or not labels:
+        return factors
+    counts: dict[int, int] = {}
+    for ls in labels:
+        for c in set(ls):
+            counts[c] = counts.get(c, 0) + 1
+    per_class = {c: max(1.0, float(np.sqrt(threshold * len(labels) / n))) for c, n in counts.items()}
+    for i, ls in enumerate(labels):
+        if ls:
+            factors[i] = max(per_class[c] for c in ls)
+    return factors
+
+
+def epoch_items(factors: np.ndarray, seed: int) -> np.ndarray:
+    """The photo of each slot of an epoch: photo i floor(r_i) times, once more with probability
+    frac(r_i) (drawn once from `seed`, so every epoch has the same length and a resumed run the
+    same samples)."""
+    extra = np.random.default_rng([seed, 3]).random(len(factors)) < factors - np.floor(factors)
+    return np.repeat(np.arange(len(factors)), (np.floor(factors) + extra).astype(int))
+
+
 class SegSamples(PositionSamples):
     """Sample number p of the run (p = iteration * batch + slot): image + pseudo-mask, augmented."""
 
-    def __init__(self, images, masks, num_classes: int, params: dict):
+    def __init__(self, images, masks, num_classes: int, params: dict, labels=None):
         self.images = list(images)
         self.masks = list(masks)
         self.num_classes = num_classes
         self.p = params
-        self.num_items = len(self.images)
+        threshold = float(params.get("repeat_threshold") or 0)
+        if threshold > 0 and labels is not None:
+            self.items = epoch_items(repeat_factors(labels, threshold), int(params["seed"]))
+        else:
+            self.items = np.arange(len(self.images))
+        self.num_items = len(self.items)
 
     def __getitem__(self, position: int):
-        i = self._index(position)
+        i = int(self.items[self._index(position)])
         rng = np.random.default_rng([self.p["seed"], position, 2])
         image = read_image(self.images[i])
         label = read_index_png(self.masks[i])
@@ -192,6 +229,8 @@ def check_train_params(params: dict) -> None:
     for key in ("iterations", "batch_size", "crop", "checkpoint_every"):
         if int(params[key]) < 1:
             raise EpsError(f"segmenter.{key}: must be at least 1, got {params[key]!r}")
+    if not 0 <= float(params["repeat_threshold"]) <= 1:
+        raise EpsError(f"segmenter.repeat_threshold: expected a fraction in [0, 1], got {params['repeat_threshold']!r}")
 
 
 def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train") -> Path:
@@ -269,7 +308,11 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         with atomic_path(out) as tmp:
             torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
 
-    fit(model, optimizer, SegSamples(rows["image"], mask_paths, len(classes), params), step,
+    samples = SegSamples(rows["image"], mask_paths, len(classes), params, labels=rows["labels"])
+    if samples.num_items != len(rows):
+        print(f"repeat_threshold {params['repeat_threshold']}: {samples.num_items} samples per epoch "
+              f"for {len(rows)} photos", flush=True)
+    fit(model, optimizer, samples, step,
         total=total, batch_size=int(params["batch_size"]), num_workers=int(params["num_workers"]),
         checkpoint_every=int(params["checkpoint_every"]), work=out.parent / "checkpoints", key=run,
         inputs="parameters, images or pseudo-masks", fields=LOG_FIELDS,

@@ -21,7 +21,8 @@ from eps.errors import EpsError
 from eps.models import build_segmenter
 from eps.models.deeplab import SEGMENTERS, load_segmenter, sha256_file
 from eps.predict import multiscale_probs, predict, server_dir
-from eps.segment import IGNORE, SEGMENT_DEFAULTS, augment_pair, segmentation_loss, train_segmenter
+from eps.segment import (IGNORE, SEGMENT_DEFAULTS, SegSamples, augment_pair, epoch_items, repeat_factors,
+                         segmentation_loss, train_segmenter)
 
 NUM_CLASSES = 5
 
@@ -358,3 +359,50 @@ def test_head_lr_mult_sets_the_heads_learning_rate():
     for mult, expected in ((10, [1, 2, 10, 20]), (1, [1, 2, 1, 2])):
         optimizer = make_optimizer(model, {**SEGMENT_DEFAULTS, "lr": 0.01, "head_lr_mult": mult})
         assert [round(g["lr"] / 0.01, 6) for g in optimizer.param_groups] == expected
+
+
+def test_repeat_factors_follow_the_rarest_label():
+    # class 0 in 8 of 10 photos, class 1 in 2, class 2 in 1; one photo without labels
+    labels = [[0]] * 7 + [[0, 1], [1, 2], []]
+    factors = repeat_factors(labels, 0.4)
+    assert factors[:7] == pytest.approx([1.0] * 7)  # f = 0.8 > t: once
+    assert factors[7] == pytest.approx(np.sqrt(0.4 / 0.2))  # the rarer of its two labels
+    assert factors[8] == pytest.approx(np.sqrt(0.4 / 0.1))
+    assert factors[9] == 1.0
+    assert (repeat_factors(labels, 0.0) == 1).all()
+
+
+def test_epoch_items_repeat_rare_photos_and_stay_fixed():
+    factors = np.array([1.0, 1.0, 2.0, 2.5] * 50)
+    items = epoch_items(factors, seed=0)
+    counts = np.bincount(items, minlength=len(factors))
+    assert set(counts[0::4]) == {1} and set(counts[2::4]) == {2}
+    assert set(counts[3::4]) == {2, 3} and 0.3 < (counts[3::4] == 3).mean() < 0.7  # frac 0.5 drawn once
+    assert (epoch_items(factors, seed=0) == items).all()
+    other = epoch_items(factors, seed=1)
+    assert len(other) != len(items) or not (other == items).all()
+
+
+def test_segsamples_epoch_holds_the_repeats(tmp_path):
+    params = {**SEGMENT_DEFAULTS, "repeat_threshold": 0.5, "crop": 8, "scale_range": [1.0, 1.0]}
+    images, masks = [], []
+    for k in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        Image.fromarray(np.full((8, 8), k % 2, np.uint8)).save(tmp_path / f"{k}m.png")
+        images.append(tmp_path / f"{k}.png")
+        masks.append(tmp_path / f"{k}m.png")
+    labels = [[0], [0], [0], [1]]  # class 1 in a quarter of the photos: r = sqrt(2)
+    samples = SegSamples(images, masks, 2, params, labels=labels)
+    assert samples.num_items in (4, 5)
+    seen = [samples._index(p) for p in range(samples.num_items)]
+    assert sorted(seen) == list(range(samples.num_items))  # one epoch: every slot once
+    assert SegSamples(images, masks, 2, {**params, "repeat_threshold": 0.0}, labels=labels).num_items == 4
+    first = samples[0]["image"]
+    assert torch.equal(first, samples[0]["image"])  # a pure function of the position
+
+
+def test_repeat_threshold_outside_zero_one_is_refused(tmp_path):
+    from eps.segment import check_train_params
+
+    with pytest.raises(EpsError, match="repeat_threshold"):
+        check_train_params({**SEGMENT_DEFAULTS, "repeat_threshold": 2})
