@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet38"])
     parser.add_argument("--force", action="store_true", help="measure bf16 even on a CPU without it (emulated)")
+    parser.add_argument("--classifier", help="a trained classifier.pt: its backbone only, and its maps for the "
+                        "inference and agreement (a random head makes near-ties of the pseudo-masks)")
     args = parser.parse_args(argv)
     _common.set_threads(args.threads)
     _common.header("precision", argv=argv)
@@ -88,6 +90,13 @@ def main(argv=None) -> None:
     items = photos(2 if quick else args.images, quick)
     crop = 32 if quick else args.crop
     backbones = ["small"] if quick else args.backbones
+    trained = None
+    if args.classifier:
+        from eps.models.classifier import load_classifier
+
+        trained, meta = load_classifier(args.classifier)
+        backbones = [meta["backbone"]]
+        print(f"CAM inference with {args.classifier} ({meta['backbone']}, BatchNorm folded as infer_cams runs it)")
     results = []
     for name in backbones:
         torch.manual_seed(0)
@@ -97,7 +106,8 @@ def main(argv=None) -> None:
         model = prepare_model(model, torch.device("cpu"))
         runs = {"float32": None, "bf16": torch.bfloat16}
         got = {}
-        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(model, items, d)))
+        maps_model = prepare_model(trained, torch.device("cpu")) if trained is not None else model
+        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(maps_model, items, d)))
                                      for k, d in runs.items()}, repeats)
         agree = sum(int((a == b).sum()) for a, b in zip(got["float32"], got["bf16"]))
         agree /= sum(a.size for a in got["float32"])

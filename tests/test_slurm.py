@@ -135,7 +135,7 @@ def slurm_config(path: Path, base: Path) -> Path:
 
     One shard per stage: every SLURM job costs seconds of start-up (a Snakemake and an eps
     process on the node), so the per-image stages run one job each (9 jobs fewer than 2 shards)."""
-    return tiny_config(path, base, shards=1, variants__eps__gpus=2)
+    return tiny_config(path, base / "base-config.yaml", shards=1, variants__eps__gpus=2)
 
 
 def run_snakemake(args, cwd: Path, timeout: float) -> tuple[int, str]:

@@ -93,7 +93,7 @@ def only_followers(reasons: dict, *stale: str) -> None:
 def finished(tmp_path_factory):
     """A finished tiny run in a private copy of the workflow; returns (work dir, its config)."""
     work = copy_workflow(tmp_path_factory.mktemp("stale"))
-    config = tiny_config(work / "tiny.yaml", work)
+    config = tiny_config(work / "tiny.yaml", work / "base-config.yaml")
     snakemake(work, config)
     assert (work / RESULTS / "summary.csv").is_file()
     return work, config
@@ -140,7 +140,7 @@ def test_an_unchanged_run_has_nothing_to_do(finished):
 @pytest.mark.slow
 def test_crf_parameters_rerun_the_crf_and_what_follows(finished, tmp_path):
     work, _ = finished
-    config = tiny_config(tmp_path / "crf.yaml", work, crf__bi_w=5)
+    config = tiny_config(tmp_path / "crf.yaml", work / "base-config.yaml", crf__bi_w=5)
     reasons = {}
     jobs = plan(work, config, reasons)
     per_variant, gathering = split_jobs(jobs)
@@ -158,7 +158,7 @@ def test_crf_parameters_rerun_the_crf_and_what_follows(finished, tmp_path):
 def test_tau_reruns_the_classifier_and_what_follows_not_saliency(finished, tmp_path):
     work, _ = finished
     reasons = {}
-    jobs = plan(work, tiny_config(tmp_path / "tau.yaml", work, variants__eps__tau=0.3), reasons)
+    jobs = plan(work, tiny_config(tmp_path / "tau.yaml", work / "base-config.yaml", variants__eps__tau=0.3), reasons)
     only_followers(reasons, "train_classifier")
     per_variant, gathering = split_jobs(jobs)
     assert {"train_classifier", "infer_cams", "pseudo_masks", "crf", "evaluate_masks", "train_segmenter",
@@ -203,7 +203,7 @@ def test_a_real_rerun_redoes_exactly_what_the_dry_run_said(finished, tmp_path):
     src, _ = finished
     work = tmp_path / "copy"
     shutil.copytree(src, work, symlinks=True)  # copy2: mtimes and Snakemake's metadata kept
-    config = tiny_config(work / "crf.yaml", work, crf__bi_w=5)
+    config = tiny_config(work / "crf.yaml", work / "base-config.yaml", crf__bi_w=5)
     predicted = plan(work, config)
     assert split_jobs(predicted)[0] == {"crf", "export_pngs", "evaluate_masks"}
     before = {p: p.stat().st_mtime_ns for p in (work / RESULTS).rglob("*") if p.is_file()}

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from tiny_workflow import snakemake as _snakemake
+from tiny_workflow import tiny_config as tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -99,20 +100,21 @@ def test_bad_config_is_rejected(tmp_path):
 
 
 def tiny_config(tmp_path, **overrides):
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["synth"] = {"num_train": 16, "num_val": 4, "size": 48, "seed": 1}
-    cfg["classifier"].update({"iterations": 6, "batch_size": 4, "crop": 48, "resize_long": [44, 52],
-                              "checkpoint_every": 3})
-    cfg["infer"].update({"scales": [1.0, 0.5]})
-    cfg["segmenter"].update({"iterations": 4, "batch_size": 4, "crop": 48, "checkpoint_every": 2})
-    cfg["segmenter"]["predict"].update({"scales": [1.0]})
-    # the baseline and EPS: the ablation variants of config.yaml differ only in classifier keys
-    cfg["variants"] = {name: cfg["variants"][name] for name in ("cam", "eps")}
-    cfg["report"] = {"sample": 2, "seed": 0}
-    cfg.update(overrides)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, cfg
+    """tests/tiny.yaml, a little larger (16 + 4 images of 48 px, 6 classifier iterations, two
+    inference scales with flips) and with the synthetic world's co-occurring pairs evaluated, so
+    that the end-to-end run fills every column and figure of the report."""
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    path = tiny_config_file(
+        tmp_path / "tiny.yaml", ROOT / "config.yaml",
+        synth={"num_train": 16, "num_val": 4, "size": 48, "seed": 1},
+        classifier__iterations=6, classifier__batch_size=4, classifier__crop=48,
+        classifier__resize_long=[44, 52], classifier__checkpoint_every=3,
+        infer__scales=[1.0, 0.5], infer__flip=True,
+        evaluation__confusion_pairs=base["evaluation"]["confusion_pairs"],
+        segmenter__iterations=4, segmenter__batch_size=4, segmenter__crop=48, segmenter__checkpoint_every=2,
+        segmenter__predict__flip=True,
+        report={"sample": 2, "seed": 0}, **overrides)
+    return path, yaml.safe_load(path.read_text())
 
 
 def check_outputs(results: Path, variants, num_ids: int, split: str = "train", seg_split: str = "val",

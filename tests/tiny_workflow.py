@@ -36,24 +36,32 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+TINY = Path(__file__).resolve().parent / "tiny.yaml"
+
+
+def _merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def tiny_config(path: Path, base: Path, **changes) -> Path:
-    """The copied default config shrunk to minutes, the baseline and EPS only; `changes` set
-    nested keys (`crf__bi_w=5` sets crf.bi_w)."""
-    cfg = yaml.safe_load((base / "base-config.yaml").read_text())
-    cfg["synth"] = {"num_train": 12, "num_val": 4, "size": 40, "seed": 1}
-    cfg["shards"] = 2
-    cfg["classifier"].update({"iterations": 2, "batch_size": 2, "crop": 32, "resize_long": [32, 40],
-                              "checkpoint_every": 2})
-    cfg["infer"].update({"scales": [1.0], "flip": False})
-    cfg["evaluation"]["confusion_pairs"] = []
-    cfg["variants"] = {k: cfg["variants"][k] for k in ("cam", "eps")}  # the baseline and EPS only
-    cfg["segmenter"].update({"iterations": 2, "batch_size": 2, "crop": 32, "checkpoint_every": 2})
-    cfg["segmenter"]["predict"].update({"scales": [1.0], "flip": False})
+    """tests/tiny.yaml over the config file `base` (a copied workflow's `base-config.yaml`, or
+    config.yaml), the variants it lists only; `changes` set nested keys (`crf__bi_w=5` sets
+    crf.bi_w; `variants=...` replaces the selection). Written to `path`."""
+    cfg = yaml.safe_load(Path(base).read_text())
+    tiny = yaml.safe_load(TINY.read_text())
+    keep = tiny.pop("variants")
+    _merge(cfg, tiny)
+    cfg["variants"] = {name: cfg["variants"][name] for name in keep}
     for dotted, value in changes.items():
         *parents, key = dotted.split("__")
         block = cfg
         for p in parents:
             block = block[p]
         block[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -22,7 +22,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import yaml
+
+import tiny_workflow
 
 from .helpers import ROOT, leftovers, subprocess_env
 
@@ -36,20 +37,16 @@ TARGETS = [str(MASKS / "png")]  # synth, index, train_classifier, 2 x infer_cams
 
 
 def tiny_config(directory: Path) -> Path:
-    """The default config, shrunk: 12 + 2 images of 40 px, 2 shards, a CAM classifier of a few
-    iterations, and many inference scales so that infer_cams lasts long enough to be killed."""
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["synth"] = {"num_train": 12, "num_val": 2, "size": 40, "seed": 1}
-    cfg["shards"] = 2
-    cfg["device"] = "cpu"
-    cfg["classifier"].update({"backbone": "small", "iterations": 4, "batch_size": 2, "crop": 40,
-                              "resize_long": [36, 44], "checkpoint_every": 2})
-    cfg["variants"] = {VARIANT: {"loss": "cam"}}
-    cfg["infer"].update({"scales": [1.0, 2.0, 3.0, 4.0, 5.0], "flip": True, "batch_size": 1})
+    """tests/tiny.yaml with 12 + 2 images, a CAM classifier of a few iterations on the small
+    backbone, and many inference scales so that infer_cams lasts long enough to be killed."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_workflow.tiny_config(
+        directory / "tiny.yaml", ROOT / "config.yaml",
+        synth={"num_train": 12, "num_val": 2, "size": 40, "seed": 1}, device="cpu",
+        classifier__backbone="small", classifier__iterations=4, classifier__crop=40,
+        classifier__resize_long=[36, 44],
+        variants={VARIANT: {"loss": "cam"}},
+        infer__scales=[1.0, 2.0, 3.0, 4.0, 5.0], infer__flip=True, infer__batch_size=1)
 
 
 def snakemake_argv(directory: Path, *extra) -> list[str]:
