@@ -1,7 +1,9 @@
 """bfloat16 against float32 on a CPU: CAM inference and a classifier training step, side by side.
 
 For each backbone (``efficientnet_lite0`` with the installed ImageNet weights, ``resnet38``
-seeded at random: speed and agreement do not depend on training), in one process:
+seeded at random: speed does not depend on training; agreement does, since an untrained head
+makes near-ties, so ``--classifier`` takes a trained ``classifier.pt`` for the maps), in one
+process:
 
 - CAM inference as the ``infer_cams`` stage runs it (``eps.infer.iter_cam_parts``, scales
   0.5 / 0.75 with flips, one image at a time) under ``precision: float32`` and ``bf16``:
@@ -43,7 +45,7 @@ def photos(count: int, quick: bool):
     return [(read_image(root / "JPEGImages" / f"{i}.jpg"), np.asarray(labels[i])) for i in ids]
 
 
-def masks(model, items, autocast) -> list:
+def masks(model, items, autocast, background: bool = True) -> list:
     from eps.infer import iter_cam_parts
     from eps.shards import mask_from_maps, maps_from_parts
 
@@ -52,7 +54,7 @@ def masks(model, items, autocast) -> list:
     params = {"scales": [0.5, 0.75], "flip": True, "batch_size": 1}
     out = [None] * len(items)
     with torch.no_grad():
-        for k, parts, present in iter_cam_parts(model, images, labels, params, True, torch.device("cpu"),
+        for k, parts, present in iter_cam_parts(model, images, labels, params, background, torch.device("cpu"),
                                                 autocast, keep_background=False):
             maps = maps_from_parts(parts, images[k].shape[:2], False)
             out[k] = mask_from_maps(maps, present, False, 0.20)
@@ -95,8 +97,11 @@ def main(argv=None) -> None:
         from eps.models.classifier import load_classifier
 
         trained, meta = load_classifier(args.classifier)
+        if meta["num_classes"] != 20:
+            parser.error(f"{args.classifier}: trained for {meta['num_classes']} classes; the VOC photos have 20")
         backbones = [meta["backbone"]]
-        print(f"CAM inference with {args.classifier} ({meta['backbone']}, BatchNorm folded as infer_cams runs it)")
+        print(f"CAM inference with {args.classifier} ({meta['backbone']}, BatchNorm folded as infer_cams runs it; "
+              "--backbones is not used)")
     results = []
     for name in backbones:
         torch.manual_seed(0)
@@ -107,7 +112,8 @@ def main(argv=None) -> None:
         runs = {"float32": None, "bf16": torch.bfloat16}
         got = {}
         maps_model = prepare_model(trained, torch.device("cpu")) if trained is not None else model
-        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(maps_model, items, d)))
+        background = bool(trained.background) if trained is not None else True
+        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(maps_model, items, d, background)))
                                      for k, d in runs.items()}, repeats)
         agree = sum(int((a == b).sum()) for a, b in zip(got["float32"], got["bf16"]))
         agree /= sum(a.size for a in got["float32"])

@@ -265,8 +265,10 @@ def train_segmenter(index_csv, masks_dir, out, params: dict, split: str = "train
         init = {"file": str(weights), "sha256": init_digest}
 
     device = choose_device(params["device"])
+    # with repeat_threshold the image-level labels decide the sample order: a checkpoint follows them too
+    labels = {"labels": [list(ls) for ls in rows["labels"]]} if float(params["repeat_threshold"]) > 0 else {}
     run = run_key(params, _RUN_NEUTRAL, ids=list(rows["id"]), classes=list(classes), dataset=info["dataset"],
-                  masks=_digest_files(mask_paths), init=init_digest)
+                  masks=_digest_files(mask_paths), init=init_digest, **labels)
     torch.manual_seed(params["seed"])
     packaged = params["model"] in PACKAGED_SEGMENTERS
     init_weights = read_init(params["weights"]) if params["weights"] and not packaged else None

@@ -384,24 +384,25 @@ def test_epoch_items_repeat_rare_photos_and_stay_fixed():
 
 
 def test_segsamples_epoch_holds_the_repeats(tmp_path):
-    params = {**SEGMENT_DEFAULTS, "repeat_threshold": 0.5, "crop": 8, "scale_range": [1.0, 1.0]}
+    params = {**SEGMENT_DEFAULTS, "repeat_threshold": 1.0, "crop": 8, "scale_range": [1.0, 1.0]}
     images, masks = [], []
     for k in range(4):
         Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
-        Image.fromarray(np.full((8, 8), k % 2, np.uint8)).save(tmp_path / f"{k}m.png")
+        Image.fromarray(np.full((8, 8), int(k == 3), np.uint8)).save(tmp_path / f"{k}m.png")
         images.append(tmp_path / f"{k}.png")
         masks.append(tmp_path / f"{k}m.png")
-    labels = [[0], [0], [0], [1]]  # class 1 in a quarter of the photos: r = sqrt(2)
+    labels = [[], [], [], [1]]  # class 1 in a quarter of the photos: factor sqrt(1 / 0.25) = 2 exactly
     samples = SegSamples(images, masks, 2, params, labels=labels)
-    assert samples.num_items in (4, 5)
-    seen = [samples._index(p) for p in range(samples.num_items)]
-    assert sorted(seen) == list(range(samples.num_items))  # one epoch: every slot once
+    assert samples.num_items == 5
+    assert list(np.bincount(samples.items)) == [1, 1, 1, 2]
+    # one epoch reads photo 3 (the only one whose mask is 1) twice, every other photo once
+    ones = [bool((samples[p]["label"] == 1).all()) for p in range(samples.num_items)]
+    assert sum(ones) == 2
     assert SegSamples(images, masks, 2, {**params, "repeat_threshold": 0.0}, labels=labels).num_items == 4
-    first = samples[0]["image"]
-    assert torch.equal(first, samples[0]["image"])  # a pure function of the position
+    assert torch.equal(samples[0]["image"], samples[0]["image"])  # a pure function of the position
 
 
-def test_repeat_threshold_outside_zero_one_is_refused(tmp_path):
+def test_repeat_threshold_outside_zero_one_is_refused():
     from eps.segment import check_train_params
 
     with pytest.raises(EpsError, match="repeat_threshold"):

@@ -1,6 +1,6 @@
 """Running snakemake from the tests, a private copy of the workflow and a tiny config over it
 (tests/test_workflow.py, test_evaluate_index.py, test_config_schema.py, test_staleness.py,
-test_slurm.py)."""
+test_slurm.py, reliability/test_workflow_recovery.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def tiny_config(path: Path, base: Path, **changes) -> Path:
     cfg = yaml.safe_load(Path(base).read_text())
     tiny = yaml.safe_load(TINY.read_text())
     keep = tiny.pop("variants")
+    cfg["synth"] = tiny.pop("synth")  # the whole world's block: config.yaml's scales and miss rates do not join
     _merge(cfg, tiny)
     cfg["variants"] = {name: cfg["variants"][name] for name in keep}
     for dotted, value in changes.items():
