@@ -133,16 +133,13 @@ def epoch_items(factors: np.ndarray, seed: int) -> np.ndarray:
 class SegSamples(PositionSamples):
     """Sample number p of the run (p = iteration * batch + slot): image + pseudo-mask, augmented."""
 
-    def __init__(self, images, masks, num_classes: int, params: dict, labels=None):
+    def __init__(self, images, masks, num_classes: int, params: dict, labels):
         self.images = list(images)
         self.masks = list(masks)
         self.num_classes = num_classes
         self.p = params
-        threshold = float(params.get("repeat_threshold") or 0)
-        if threshold > 0 and labels is not None:
-            self.items = epoch_items(repeat_factors(labels, threshold), int(params["seed"]))
-        else:
-            self.items = np.arange(len(self.images))
+        # the photo of each slot of an epoch: each photo once unless repeat_threshold > 0
+        self.items = epoch_items(repeat_factors(labels, float(params["repeat_threshold"])), int(params["seed"]))
         self.num_items = len(self.items)
 
     def __getitem__(self, position: int):

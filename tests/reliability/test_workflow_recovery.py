@@ -39,7 +39,6 @@ TARGETS = [str(MASKS / "png")]  # synth, index, train_classifier, 2 x infer_cams
 def tiny_config(directory: Path) -> Path:
     """tests/tiny.yaml with 12 + 2 images, a CAM classifier of a few iterations on the small
     backbone, and many inference scales so that infer_cams lasts long enough to be killed."""
-    directory.mkdir(parents=True, exist_ok=True)
     return tiny_workflow.tiny_config(
         directory / "tiny.yaml", ROOT / "config.yaml",
         synth={"num_train": 12, "num_val": 2, "size": 40, "seed": 1}, device="cpu",
