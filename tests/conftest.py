@@ -87,7 +87,8 @@ def kill_at_checkpoint(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
-    """Synthetic world (12 train / 4 val, 40 px), its index, its masks and one saliency shard (read only)."""
+    """Synthetic world (12 train / 4 val, 40 px), its index, its masks and one saliency shard, for
+    the whole session: read only (a test that needs another index builds it from `data`)."""
     from eps.data.build import build_index
     from eps.data.synthetic import generate
     from eps.saliency import extract_shard
@@ -97,4 +98,4 @@ def tiny_world(tmp_path_factory) -> dict:
     index = root / "index.csv"
     build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
     sal = extract_shard(index, "precomputed", "1-of-1", root / "sal.h5", progress=False)
-    return {"index": index, "sal": sal, "masks": root / "data" / "SegmentationClass"}
+    return {"data": root / "data", "index": index, "sal": sal, "masks": root / "data" / "SegmentationClass"}

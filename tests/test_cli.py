@@ -34,14 +34,12 @@ def assert_user_error(capsys, argv, *names) -> str:
 
 
 @pytest.fixture
-def synth_index(tmp_path) -> Path:
-    """A tiny synthetic world and its index (4 images of 32 px)."""
+def synth_index(tiny_world, tmp_path) -> Path:
+    """An index of the session's synthetic world of this test's own (a test removes its classes.json)."""
     from eps.data.build import build_index
-    from eps.data.synthetic import generate
 
-    generate(tmp_path / "data", num_train=2, num_val=2, size=32, seed=1)
     index = tmp_path / "idx" / "index.csv"
-    build_index({"name": "t", "type": "synthetic", "root": str(tmp_path / "data")}, index)
+    build_index({"name": "t", "type": "synthetic", "root": str(tiny_world["data"])}, index)
     return index
 
 
@@ -208,12 +206,9 @@ def test_version_and_every_option_has_help(capsys):
     assert "(default: classical)" in " ".join(text.split())
 
 
-def test_index_takes_the_dataset_block_from_a_config_file(tmp_path):
-    from eps.data.synthetic import generate
-
-    generate(tmp_path / "data", num_train=3, num_val=1, size=32, seed=0)
+def test_index_takes_the_dataset_block_from_a_config_file(tiny_world, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(f"dataset:\n  name: t\n  type: synthetic\n  root: {tmp_path / 'data'}\n")
+    config.write_text(f"dataset:\n  name: t\n  type: synthetic\n  root: {tiny_world['data']}\n")
     assert main(["index", "--dataset", str(config), "--out", str(tmp_path / "idx" / "index.csv")]) == 0
     assert (tmp_path / "idx" / "ids" / "train.txt").read_text().split()[0] == "syn_train_00000"
 

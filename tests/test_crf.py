@@ -151,18 +151,15 @@ def test_background_scores():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A 6-image synthetic world, its index and a CAM shard made from blurred ground truth."""
+def world(tiny_world, tmp_path_factory):
+    """The session's synthetic world, its index as dataset "w" and a CAM shard made from blurred ground truth."""
     from eps.data.build import build_index
     from eps.data.index import read_index
     from eps.data.io import atomic_h5, read_index_png
 
     root = tmp_path_factory.mktemp("crf")
-    from eps.data.synthetic import generate
-
-    generate(root / "data", num_train=6, num_val=2, size=40, seed=5)
     index = root / "index.csv"
-    build_index({"name": "w", "type": "synthetic", "root": str(root / "data")}, index)
+    build_index({"name": "w", "type": "synthetic", "root": str(tiny_world["data"])}, index)
     rows = read_index(index)
     rows = rows[[("train" in s) for s in rows["splits"]]]
     cams = root / "cams.h5"

@@ -156,12 +156,9 @@ def test_a_folder_dataset_declares_only_its_split(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results/f/ids").iterdir()) == ["train.txt"]
 
 
-def test_the_co_occurrence_confusion_reads_the_context_masks_the_index_records(tmp_path, capsys):
-    from eps.data.synthetic import generate
-
-    generate(tmp_path / "world", num_train=3, num_val=1, size=32, seed=1)
+def test_the_co_occurrence_confusion_reads_the_context_masks_the_index_records(tiny_world, tmp_path, capsys):
     index = tmp_path / "idx" / "index.csv"
-    build_index({"type": "synthetic", "name": "w", "root": str(tmp_path / "world")}, index)
+    build_index({"type": "synthetic", "name": "w", "root": str(tiny_world["data"])}, index)
     pred = predictions_from_masks(index, "train", tmp_path / "p")
     pairs = json.dumps([["rail", "train"], ["water", "boat"]])
     metrics = evaluate(index, "train", pred, tmp_path / "m", "--pairs", pairs)
@@ -184,5 +181,5 @@ def test_the_co_occurrence_confusion_reads_the_context_masks_the_index_records(t
     assert main(["evaluate-masks", "--pred", str(pred), "--index", str(index), "--split", "train",
                  "--pairs", pairs, "--out", str(tmp_path / "m3")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "1 of the 3 ids of split 'train' have no context mask" in err[0], err
+    assert len(err) == 1 and "1 of the 12 ids of split 'train' have no context mask" in err[0], err
     assert not (tmp_path / "m3").exists()

@@ -31,18 +31,16 @@ def _one_thread(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """Tiny synthetic world, its index (one val image stripped of its labels), saliency,
-    and a CAM and an EPS classifier trained for two iterations."""
+def world(tiny_world, tmp_path_factory) -> dict:
+    """The session's synthetic world with its own index (one val image stripped of its labels),
+    saliency, and a CAM and an EPS classifier trained for two iterations."""
     from eps.data.build import build_index
-    from eps.data.synthetic import generate
     from eps.saliency import extract_shard
     from eps.train import train_classifier
 
     root = tmp_path_factory.mktemp("world")
-    generate(root / "data", num_train=12, num_val=4, size=40, seed=3)
     index = root / "index.csv"
-    build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
+    build_index({"name": "t", "type": "synthetic", "root": str(tiny_world["data"])}, index)
     df = pd.read_csv(index, dtype=str, keep_default_na=False)
     df.loc[df["id"] == UNLABELLED, "labels"] = ""  # an image with no labels: all background
     df.to_csv(index, index=False)

@@ -127,17 +127,16 @@ def test_estimated_saliency_is_the_eps_blend_at_image_size():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny synthetic world with its index, saliency shard, an untrained classifier and segmenter."""
+def world(tiny_world, tmp_path_factory):
+    """The session's synthetic world with an index as dataset "tiny", its saliency shard, an
+    untrained classifier and segmenter."""
     from eps.data.build import build_index
-    from eps.data.synthetic import generate
     from eps.models import build_segmenter
     from eps.saliency import extract_shard
 
     root = tmp_path_factory.mktemp("world")
-    generate(root / "data", num_train=8, num_val=2, size=40, seed=3)
     index = root / "res" / "index.csv"
-    build_index({"type": "synthetic", "name": "tiny", "root": str(root / "data")}, index)
+    build_index({"type": "synthetic", "name": "tiny", "root": str(tiny_world["data"])}, index)
     sal = extract_shard(index, "precomputed", "1-of-1", root / "res" / "sal.h5")
     from eps.models import build_classifier
 
@@ -157,9 +156,9 @@ def world(tmp_path_factory):
     return root, index, sal
 
 
-def test_make_figures(world, tmp_path):
+def test_make_figures(world, tiny_world, tmp_path):
     root, index, sal = world
-    masks = root / "data" / "SegmentationClass"  # ground truth standing in for pseudo-masks
+    masks = tiny_world["masks"]  # ground truth standing in for pseudo-masks
     written = make_figures(
         tmp_path / "fig", index_csv=index, split="train", metrics=[("eps", "pseudo_masks", root / "metrics.json")],
         train_logs=[("eps", root / "train_log.csv")], seg_logs=[("eps", root / "train_log.csv")],
@@ -186,12 +185,12 @@ def test_segmenter_output_shape(world):
     assert out.shape == (40, 36) and out.dtype == np.uint8 and out.max() < 6
 
 
-def test_cli(world, tmp_path, capsys):
+def test_cli(world, tiny_world, tmp_path, capsys):
     root, index, sal = world
     summary = write_summary(tmp_path / "summary.csv")
     assert main(["report-tables", "--summary", str(summary), "--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").is_file()
-    masks = root / "data" / "SegmentationClass"
+    masks = tiny_world["masks"]
     args = ["report-figures", "--index", str(index), "--split", "train", "--masks", f"eps:{masks}",
             "--classifier", str(root / "classifier.pt"), "--saliency", str(sal),
             "--params", '{"sample": 2}', "--out", str(tmp_path / "f")]

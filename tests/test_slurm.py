@@ -20,14 +20,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_workflow import copy_workflow, tiny_config
+from tiny_workflow import copy_workflow, snakemake_env, start_snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RULES = {"train_classifier", "infer_cams", "train_segmenter", "predict"}
@@ -140,12 +139,10 @@ def slurm_config(path: Path, base: Path) -> Path:
 
 def run_snakemake(args, cwd: Path, timeout: float) -> tuple[int, str]:
     """Run snakemake; past `timeout` stop it with SIGINT (which makes it scancel its jobs)."""
-    env = dict(os.environ, EPS_SLURM_PARTITION=PARTITION, EPS_SLURM_ACCOUNT=ACCOUNT)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = snakemake_env(EPS_SLURM_PARTITION=PARTITION, EPS_SLURM_ACCOUNT=ACCOUNT)
     log = cwd / "snakemake.out"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = start_snakemake(args, out, cwd=cwd, env=env)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

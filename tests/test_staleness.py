@@ -18,7 +18,6 @@ further dry run has nothing to do.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -26,21 +25,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_workflow
 from tiny_workflow import copy_workflow, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "results/synthetic"
 
 
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def snakemake(work: Path, config: Path, *args: str, timeout: int = 900) -> str:
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(config), *args],
-                          cwd=work, capture_output=True, text=True, timeout=timeout, env=_env())
+    proc = tiny_workflow.snakemake(["--cores", "2", "--configfile", config, *args], cwd=work, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -223,7 +216,7 @@ def test_a_real_rerun_redoes_exactly_what_the_dry_run_said(finished, tmp_path):
 
 def dag_jobs(*args: str) -> int:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dag.py"), *args], capture_output=True, text=True,
-                          timeout=300, env=_env())
+                          timeout=300, env=tiny_workflow.snakemake_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(re.search(r"^jobs: (\d+)$", proc.stdout, re.M).group(1))
 

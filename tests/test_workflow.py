@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from tiny_workflow import snakemake as _snakemake
 from tiny_workflow import tiny_config as tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def _requirement_map(lines):
@@ -325,10 +322,9 @@ def test_rules_find_eps_without_it_on_path(tmp_path):
     env["PATH"] = "/usr/bin:/bin"
     overlay = tmp_path / "small.yaml"
     overlay.write_text("synth: {num_train: 3, num_val: 1, size: 32}\n")
-    proc = subprocess.run(SNAKEMAKE + ["--cores", "1", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-                                       "--configfile", str(ROOT / "config.yaml"), str(overlay), "--",
-                                       "results/synthetic/index.csv"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = _snakemake(["--cores", "1", "-s", ROOT / "Snakefile", "--directory", tmp_path,
+                       "--configfile", ROOT / "config.yaml", overlay, "--", "results/synthetic/index.csv"],
+                      cwd=tmp_path, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "results" / "synthetic" / "logs" / "index.log").read_text().splitlines()
     assert log[0].startswith("# rerun: cd ") and " eps index --dataset " in log[0]

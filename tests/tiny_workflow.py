@@ -1,4 +1,4 @@
-"""Running snakemake from the tests, a private copy of the workflow and a tiny config over it
+"""Running snakemake from the tests (every test runs it through here), a private copy of the workflow and a tiny config over it
 (tests/test_workflow.py, test_evaluate_index.py, test_config_schema.py, test_staleness.py,
 test_slurm.py, reliability/test_workflow_recovery.py)."""
 
@@ -15,11 +15,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    """`python -m snakemake ARGS` in `cwd`, with this Python's bin first on PATH (the rules call `eps`)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake_env(**extra: str) -> dict:
+    """os.environ with this Python's bin first on PATH (the rules call `eps`), plus `extra`."""
+    env = dict(os.environ, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(args, cwd=ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`python -m snakemake ARGS` in `cwd`, output captured; `env` defaults to snakemake_env()."""
+    return subprocess.run([*SNAKEMAKE, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=snakemake_env() if env is None else env)
+
+
+def start_snakemake(args, log, cwd=ROOT, env=None, **popen) -> subprocess.Popen:
+    """The same run in the background, stdout and stderr into the open file `log`, for the tests
+    that interrupt it (`popen`: more subprocess.Popen arguments)."""
+    return subprocess.Popen([*SNAKEMAKE, *map(str, args)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            env=snakemake_env() if env is None else env, **popen)
 
 
 def copy_workflow(dest: Path) -> Path:

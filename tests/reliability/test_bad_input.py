@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import tiny_workflow
 import torch
 import yaml
 from PIL import Image
@@ -413,10 +412,9 @@ def _config_with(change) -> dict:
 def test_bad_config_is_refused_by_a_dry_run(tmp_path, name, change, key):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(_config_with(change)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"),
-         "--directory", str(tmp_path / "run"), "--configfile", str(config)],
-        capture_output=True, text=True, timeout=120, env=subprocess_env())
+    proc = tiny_workflow.snakemake(
+        ["-n", "--cores", "1", "-s", ROOT / "Snakefile", "--directory", tmp_path / "run", "--configfile",
+         config], timeout=120, env=subprocess_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-2000:]
     assert "Traceback" not in out, out[-2000:]
@@ -428,10 +426,9 @@ def test_bad_config_is_refused_by_a_dry_run(tmp_path, name, change, key):
 def test_an_overlay_drops_variants_by_null(tmp_path):
     overlay = tmp_path / "drop.yaml"
     overlay.write_text("variants: {naive: null, predefined: null}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"),
-         "--directory", str(tmp_path / "run"), "--configfile", str(ROOT / "config.yaml"), str(overlay)],
-        capture_output=True, text=True, timeout=120, env=subprocess_env())
+    proc = tiny_workflow.snakemake(
+        ["-n", "--cores", "1", "-s", ROOT / "Snakefile", "--directory", tmp_path / "run", "--configfile",
+         ROOT / "config.yaml", overlay], timeout=120, env=subprocess_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     counts = dict(re.findall(r"^(train_classifier|train_segmenter)\s+(\d+)$", out, re.M))

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,15 +48,14 @@ def tiny_config(directory: Path) -> Path:
 
 
 def snakemake_argv(directory: Path, *extra) -> list[str]:
+    """The arguments after `python -m snakemake`."""
     # targets first: --configfile takes several values
-    return [sys.executable, "-m", "snakemake", *TARGETS, "--cores", "1", "-s", str(ROOT / "Snakefile"),
+    return [*TARGETS, "--cores", "1", "-s", str(ROOT / "Snakefile"),
             "--directory", str(directory), *extra, "--configfile", str(directory / "tiny.yaml")]
 
 
 def snakemake(directory: Path, *extra, timeout=900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(snakemake_argv(directory, *extra), capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env())
-    return proc
+    return tiny_workflow.snakemake(snakemake_argv(directory, *extra), timeout=timeout, env=subprocess_env())
 
 
 def read_shards(folder: Path) -> dict[str, np.ndarray]:
@@ -130,8 +128,8 @@ def test_kill_9_during_infer_cams_reruns_only_the_unfinished_shard(clean_run, tm
     tiny_config(tmp_path)
     cams = tmp_path / CAMS
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(snakemake_argv(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                                env=subprocess_env(), start_new_session=True)
+        proc = tiny_workflow.start_snakemake(snakemake_argv(tmp_path), log, env=subprocess_env(),
+                                             start_new_session=True)
         try:
             deadline = time.monotonic() + 600
             # wait until one shard is finished and another one is being written
