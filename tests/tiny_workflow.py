@@ -1,6 +1,7 @@
-"""Running snakemake from the tests (every test runs it through here), a private copy of the workflow and a tiny config over it
-(tests/test_workflow.py, test_evaluate_index.py, test_config_schema.py, test_staleness.py,
-test_slurm.py, reliability/test_workflow_recovery.py)."""
+"""Running snakemake from the tests (every Snakemake subprocess a test starts itself), a private
+copy of the workflow and a tiny config over it (tests/test_workflow.py, test_evaluate_index.py,
+test_config_schema.py, test_staleness.py, test_slurm.py, reliability/test_workflow_recovery.py,
+reliability/test_bad_input.py)."""
 
 from __future__ import annotations
 
