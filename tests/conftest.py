@@ -88,7 +88,8 @@ def kill_at_checkpoint(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """Synthetic world (12 train / 4 val, 40 px), its index, its masks and one saliency shard, for
-    the whole session: read only (a test that needs another index builds it from `data`)."""
+    the whole session: read only (a test that needs another index builds it from `data`); the
+    session ends in an error if any of its files changed."""
     from eps.data.build import build_index
     from eps.data.synthetic import generate
     from eps.saliency import extract_shard
@@ -98,4 +99,14 @@ def tiny_world(tmp_path_factory) -> dict:
     index = root / "index.csv"
     build_index({"name": "t", "type": "synthetic", "root": str(root / "data")}, index)
     sal = extract_shard(index, "precomputed", "1-of-1", root / "sal.h5", progress=False)
-    return {"data": root / "data", "index": index, "sal": sal, "masks": root / "data" / "SegmentationClass"}
+    before = _contents(root)
+    yield {"data": root / "data", "index": index, "sal": sal, "masks": root / "data" / "SegmentationClass"}
+    changed = sorted(set(before.items()) ^ set(_contents(root).items()))
+    assert not changed, f"a test changed the shared tiny_world: {sorted({name for name, _ in changed})[:5]}"
+
+
+def _contents(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
