@@ -11,16 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny_workflow import snakemake_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["EPS_THREADS"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    return env
+    """tiny_workflow.snakemake_env (this Python's bin first on PATH), one thread, the checkout first on PYTHONPATH."""
+    pythonpath = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    return snakemake_env(EPS_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
 
 
 def eps(*argv, cwd=None, timeout=300) -> subprocess.CompletedProcess:
