@@ -5,11 +5,13 @@ seeded at random: speed does not depend on training; agreement does, since an un
 makes near-ties, so ``--classifier`` takes a trained ``classifier.pt`` for the maps), in one
 process:
 
-- CAM inference as the ``infer_cams`` stage runs it (``eps.infer.iter_cam_parts``, scales
-  0.5 / 0.75 with flips, one image at a time) under ``precision: float32`` and ``bf16``:
-  images per second, and the share of pseudo-mask pixels (official rule, threshold 0.20)
-  on which the two agree;
-- a training step (forward, backward, SGD step; batch 8, EPS head) in both precisions.
+- CAM inference as the ``infer_cams`` stage runs it (``eps.infer.prepare_model`` and
+  ``iter_cam_parts``, scales 0.5 / 0.75 with flips, one image at a time) under ``precision:
+  float32`` and ``bf16``: images per second, and the share of pseudo-mask pixels (official
+  rule, threshold 0.20) on which the two agree;
+- a training step (forward, backward, SGD step; batch 8, EPS head) in both precisions, each
+  in the memory format ``train_classifier`` gives it (``eps.models.classifier.training_layout``),
+  and float32 in the other format too, to show what the layout alone is worth.
 
 Photos: the first ``--images`` of ``../shared/data/voc12_photos`` train with their labels
 (random pixels with ``--quick``). On a CPU without AVX-512 BF16 or AMX the stages refuse
@@ -20,6 +22,7 @@ bfloat16 on the emulated kernels to show what the refusal saves.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -28,6 +31,9 @@ import _common  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+LAYOUT_NAMES = {torch.contiguous_format: "contiguous", torch.channels_last: "channels-last"}
 
 
 def photos(count: int, quick: bool):
@@ -78,6 +84,7 @@ def main(argv=None) -> None:
     from eps.config import cpu_has_bf16
     from eps.infer import prepare_model
     from eps.models import build_classifier
+    from eps.models.classifier import training_layout
     from eps.models.efficientnet import load_lite0
     from eps.training import make_optimizer
 
@@ -103,35 +110,52 @@ def main(argv=None) -> None:
         print(f"CAM inference with {args.classifier} ({meta['backbone']}, BatchNorm folded as infer_cams runs it; "
               "--backbones is not used)")
     results = []
+    cpu = torch.device("cpu")
     for name in backbones:
-        torch.manual_seed(0)
-        model = build_classifier(name, 20, background=True)
-        if name.startswith("efficientnet_lite0"):
-            load_lite0(model._backbone)
-        model = prepare_model(model, torch.device("cpu"))
         runs = {"float32": None, "bf16": torch.bfloat16}
+
+        def built(layout=torch.contiguous_format):
+            torch.manual_seed(0)
+            model = build_classifier(name, 20, background=True)
+            if name.startswith("efficientnet_lite0"):
+                load_lite0(model._backbone)
+            return model.to(memory_format=layout)
+
+        if trained is not None:
+            maps_models = {k: prepare_model(copy.deepcopy(trained), cpu, d) for k, d in runs.items()}
+            background = bool(trained.background)
+        else:
+            maps_models = {k: prepare_model(built(), cpu, d) for k, d in runs.items()}
+            background = True
         got = {}
-        maps_model = prepare_model(trained, torch.device("cpu")) if trained is not None else model
-        background = bool(trained.background) if trained is not None else True
-        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(maps_model, items, d, background)))
+        times = _common.interleaved({k: (lambda k=k, d=d: got.__setitem__(k, masks(maps_models[k], items, d, background)))
                                      for k, d in runs.items()}, repeats)
         agree = sum(int((a == b).sum()) for a, b in zip(got["float32"], got["bf16"]))
         agree /= sum(a.size for a in got["float32"])
         speed = {k: len(items) / _common.median(t) for k, t in times.items()}
 
-        model.train()
-        optimizer = make_optimizer(model, {"lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9})
-        batch = torch.randn(8, 3, crop, crop).to(memory_format=torch.channels_last)
+        layouts = {k: training_layout(name, d, cpu) for k, d in runs.items()}
+        other = torch.channels_last if layouts["float32"] == torch.contiguous_format else torch.contiguous_format
+        cases = {k: (d, layouts[k]) for k, d in runs.items()}
+        cases["float32, other layout"] = (None, other)
         target = torch.zeros(8, 20)
         target[:, 11] = 1
-        steps = _common.interleaved({k: _common.classifier_step(model, optimizer, batch, target, d)
-                                     for k, d in runs.items()}, repeats)
+        batch = torch.randn(8, 3, crop, crop)
+        steppers = {}
+        for k, (d, layout) in cases.items():
+            model = built(layout).train()
+            optimizer = make_optimizer(model, {"lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9})
+            steppers[k] = _common.classifier_step(model, optimizer, batch.to(memory_format=layout), target, d)
+        steps = _common.interleaved(steppers, repeats)
         infer_x = speed["bf16"] / speed["float32"]
         step_x = _common.median(steps["float32"]) / _common.median(steps["bf16"])
         print(f"{name}: CAM inference float32 {speed['float32']:.2f} images/s, bf16 {speed['bf16']:.2f} "
               f"({infer_x:.2f}x), pseudo-masks agree on {100 * agree:.2f}% of pixels")
-        print(f"{name}: training step (batch 8, crop {crop}) float32 {_common.fmt_times(steps['float32'])}; "
-              f"bf16 {_common.fmt_times(steps['bf16'])} ({step_x:.2f}x)")
+        for k, (d, layout) in cases.items():
+            how = "as eps trains it" if k in runs else "not what eps trains"
+            print(f"{name}: training step (batch 8, crop {crop}) {'bf16' if d else 'float32'} {LAYOUT_NAMES[layout]} "
+                  f"({how}): {_common.fmt_times(steps[k])}")
+        print(f"{name}: training step bf16 / float32 as eps trains them: {step_x:.2f}x")
         results.append(f"{name} inference {infer_x:.2f}x ({100 * agree:.2f}% agree), step {step_x:.2f}x")
     emulated = "" if has else " (emulated bfloat16: this CPU has no AVX-512 BF16 or AMX)"
     _common.summary("precision: bf16 / float32 " + "; ".join(results) + emulated)

@@ -22,7 +22,7 @@ from eps.data.io import atomic_path, read_image
 from eps.errors import EpsError
 from eps.losses import classification_loss, foreground_share, saliency_loss
 from eps.models import build_classifier, load_weights
-from eps.models.classifier import PACKAGED_WEIGHTS
+from eps.models.classifier import PACKAGED_WEIGHTS, training_layout
 from eps.models.efficientnet import load_lite0
 from eps.shards import SaliencyStore
 from eps.training import PositionSamples, fit, make_optimizer, run_key, set_poly_lr
@@ -162,12 +162,13 @@ def _fit(job: _Job, device, rank: int = 0, world: int = 1) -> None:
         load_lite0(model._backbone, params["weights"])
     elif params["weights"]:
         load_weights(model, params["weights"], backbone_only=True)
-    model.to(device)
+    layout = training_layout(params["backbone"], autocast, device)
+    model.to(device, memory_format=layout)
     optimizer = make_optimizer(model, params)
     total = int(params["iterations"])
 
     def step(net, iteration, item):
-        image = item["image"].to(device)
+        image = item["image"].to(device, memory_format=layout)
         label = item["label"].to(device)
         with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
             logits, cam = net(image)

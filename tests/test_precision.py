@@ -119,3 +119,46 @@ def test_bf16_training_and_inference_run_where_the_cpu_has_it(tiny_world, classi
         assert any(not np.array_equal(a[key][()], b[key][()]) for key in a)
         for key in a:
             np.testing.assert_allclose(b[key][()], a[key][()], rtol=0.05, atol=1e-3 * float(a[key][()].max()))
+
+
+def test_bf16_inference_stores_the_weights_in_bfloat16_on_a_cpu():
+    from eps.infer import prepare_model
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8)
+    full = prepare_model(build_classifier("small", 4, background=True), CPU)
+    half = build_classifier("small", 4, background=True)
+    half.load_state_dict(full.state_dict())
+    half = prepare_model(half, CPU, torch.bfloat16)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        a = multiscale_cams(full, images, [1.0, 0.5], True, True)
+        b = multiscale_cams(half, images, [1.0, 0.5], True, True, autocast=torch.bfloat16)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, atol=0.05, rtol=0.05)
+
+
+def test_lite0_trains_channels_last_under_bf16_only(tiny_world, tmp_path, monkeypatch):
+    """Channels-last makes a Lite0's bfloat16 step fast on a CPU; float32 and the other
+    backbones keep the contiguous layout (and with it their measured results)."""
+    from eps.models.classifier import Classifier, training_layout
+
+    assert training_layout("efficientnet_lite0", torch.bfloat16, CPU) == torch.channels_last
+    assert training_layout("efficientnet_lite0", None, CPU) == torch.contiguous_format
+    assert training_layout("resnet38", torch.bfloat16, CPU) == torch.contiguous_format
+    assert training_layout("efficientnet_lite0", torch.bfloat16, torch.device("cuda")) == torch.contiguous_format
+    monkeypatch.setattr(eps.config, "cpu_has_bf16", lambda: True)
+    seen = []
+    forward = Classifier.forward_cam
+
+    def spy(self, x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return forward(self, x)
+
+    monkeypatch.setattr(Classifier, "forward_cam", spy)
+    for precision in ("float32", "bf16"):
+        train_classifier(tiny_world["index"], tmp_path / precision / "classifier.pt",
+                         train_params(backbone="efficientnet_lite0", iterations=1, precision=precision),
+                         saliency_shards=[tiny_world["sal"]])
+    assert seen == [False, True]

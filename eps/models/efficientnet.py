@@ -58,6 +58,16 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, groups=groups, bias=bias)
 
     def forward(self, x):
+        if self.groups > 1 and x.device.type == "cpu" and torch.is_grad_enabled() \
+                and torch.is_autocast_enabled("cpu"):
+            # training under CPU autocast: oneDNN's bfloat16 depthwise backward is slower than
+            # its float32 one (a Lite0 step 0.42 s instead of 0.30 s, bench/precision.py), so
+            # the depthwise convolutions train in float32 and the 1x1 ones in bfloat16
+            with torch.autocast("cpu", enabled=False):
+                return self._same(x.float())
+        return self._same(x)
+
+    def _same(self, x):
         pads = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
@@ -67,6 +77,21 @@ class SameConv2d(nn.Conv2d):
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
         x = F.pad(x, (left, right, top, bottom))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+# ReLU6's upper bound as the bit pattern of a bfloat16 read as int16
+_BF16_SIX = int(torch.tensor(6.0, dtype=torch.bfloat16).view(torch.int16))
+
+
+def relu6_(x: torch.Tensor) -> torch.Tensor:
+    """ReLU6 in place. A bfloat16 tensor outside autograd (inference) is clamped as int16:
+    bfloat16 is sign-magnitude, so as int16 every negative value (-0 included) is below 0 and
+    non-negative values keep their order, and the int16 clamp to [0, bits of 6] equals ReLU6
+    (NaN aside; -0 becomes +0), 6x faster than PyTorch's bfloat16 clamp on a CPU."""
+    if x.dtype == torch.bfloat16 and not (x.requires_grad and torch.is_grad_enabled()):
+        x.view(torch.int16).clamp_(0, _BF16_SIX)
+        return x
+    return F.relu6(x, inplace=True)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
@@ -90,8 +115,8 @@ class MBConv(nn.Module):
         self.skip = stride == 1 and in_ch == out_ch
 
     def forward(self, x):
-        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
+        y = relu6_(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = relu6_(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
         return x + y if self.skip else y
 
@@ -140,10 +165,10 @@ class EfficientNetLite0(nn.Module):
         return self
 
     def forward(self, x):
-        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        x = relu6_(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        return relu6_(self._bn1(self._conv_head(x)))
 
     def fold_batchnorm(self) -> "EfficientNetLite0":
         """For inference only: every BatchNorm folded into the convolution before it and replaced
