@@ -25,6 +25,12 @@ def shared_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def snakemake_env() -> dict:
+    """This process's environment with its interpreter's folder first on PATH, so the
+    Snakemake it starts runs its jobs with the same Python (the checkout's venv)."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -18,7 +18,6 @@ beside it) when present, else made-up VOC-style ids of the same counts.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -68,8 +67,7 @@ def dry_run(workdir: Path, ids: dict[str, list[str]], shards: int | None = None,
         cfg["shards"] = shards
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = _common.snakemake_env()
     cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "8",
            "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config)]
     t0 = time.perf_counter()

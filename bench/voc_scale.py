@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -110,7 +109,7 @@ def write_overlay(path: Path, name: str, root: Path, args) -> Path:
 
 
 def snakemake(args, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = _common.snakemake_env()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(_common.ROOT / "Snakefile"), *args],
                           cwd=cwd, capture_output=True, text=True, env=env)
