@@ -11,7 +11,7 @@ process:
   rule, threshold 0.20) on which the two agree;
 - a training step (forward, backward, SGD step; batch 8, EPS head) in both precisions, each
   in the memory format ``train_classifier`` gives it (``eps.models.classifier.training_layout``),
-  and float32 in the other format too, to show what the layout alone is worth.
+  and both in the other format too, to show what the layout is worth.
 
 Photos: the first ``--images`` of ``../shared/data/voc12_photos`` train with their labels
 (random pixels with ``--quick``). On a CPU without AVX-512 BF16 or AMX the stages refuse
@@ -131,17 +131,20 @@ def main(argv=None) -> None:
         # one precision after the other, not interleaved: every photo size makes new oneDNN
         # kernels, more than its cache keeps, so interleaving would time each precision with
         # the other's kernels in the cache; the stage runs one precision per process
-        times = {k: _common.interleaved({k: lambda k=k, d=d: got.__setitem__(k, masks(maps_models[k], items, d,
-                                                                                        background))}, repeats)[k]
-                 for k, d in runs.items()}
+        times = {}
+        for k, d in runs.items():
+            def infer(k=k, d=d):
+                got[k] = masks(maps_models[k], items, d, background)
+            times[k] = _common.interleaved({k: infer}, repeats)[k]
         agree = sum(int((a == b).sum()) for a, b in zip(got["float32"], got["bf16"]))
         agree /= sum(a.size for a in got["float32"])
         speed = {k: len(items) / _common.median(t) for k, t in times.items()}
 
         layouts = {k: training_layout(name, d, cpu) for k, d in runs.items()}
-        other = torch.channels_last if layouts["float32"] == torch.contiguous_format else torch.contiguous_format
         cases = {k: (d, layouts[k]) for k, d in runs.items()}
-        cases["float32, other layout"] = (None, other)
+        for k, d in runs.items():
+            other = torch.channels_last if layouts[k] == torch.contiguous_format else torch.contiguous_format
+            cases[f"{k}, other layout"] = (d, other)
         target = torch.zeros(8, 20)
         target[:, 11] = 1
         batch = torch.randn(8, 3, crop, crop)

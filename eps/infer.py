@@ -136,9 +136,8 @@ def multiscale_cams(model, images: torch.Tensor, scales, flip: bool, background:
 def prepare_model(model, device, autocast=None):
     """The classifier as inference runs it: on `device`, eval mode, channels-last weights.
 
-    With `autocast` bfloat16 on a CPU the weights are stored in bfloat16 too: autocast would
-    otherwise cast every weight on every forward (a Lite0 CAM inference 1.8x the float32
-    path's speed instead of 1.4x, bench/precision.py).
+    With `autocast` bfloat16 on a CPU the weights are stored in bfloat16 too, so autocast
+    does not cast every weight again on every forward.
     """
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     if autocast == torch.bfloat16 and torch.device(device).type == "cpu":

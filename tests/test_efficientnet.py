@@ -233,26 +233,34 @@ def test_same_padding_equals_explicit_tensorflow_padding(size, stride, dilation)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_relu6_outside_autograd_equals_relu6():
-    from eps.models.efficientnet import relu6_
+def test_bf16_relu6_in_inference_clamps_the_bits_and_equals_relu6(monkeypatch):
+    from eps.models import efficientnet
 
     values = torch.tensor([-1e30, -7.0, -6.0, -1.0, -1e-40, -0.0, 0.0, 1e-40, 0.5, 5.96875, 6.0, 6.03125, 7.0, 1e30,
                            float("inf"), float("-inf")])
     x = torch.cat([values, torch.randn(4000) * 4]).to(torch.bfloat16)
     expected = torch.nn.functional.relu6(x.clone())
+
+    def refused(*args, **kwargs):
+        raise AssertionError("inference on bfloat16 must not call F.relu6")
+
+    monkeypatch.setattr(efficientnet.F, "relu6", refused)
     with torch.inference_mode():
-        got = relu6_(x.clone())
+        got = efficientnet.relu6_(x.clone())
+        nan = efficientnet.relu6_(torch.tensor([float("nan"), -float("nan")], dtype=torch.bfloat16))
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, expected) and not torch.signbit(got).any()  # -0 comes out as +0
+    assert nan.tolist() == [6.0, 0.0]  # the one difference from ReLU6, documented
 
 
-def test_bf16_relu6_inside_autograd_keeps_its_gradient():
+def test_relu6_with_grad_enabled_is_relu6_and_keeps_its_gradient():
     from eps.models.efficientnet import relu6_
 
-    x = torch.tensor([-1.0, 0.5, 3.0, 7.0], requires_grad=True)
+    x = torch.tensor([-1.0, 0.5, 3.0, 7.0, float("nan")], requires_grad=True)
     y = relu6_(x.to(torch.bfloat16) * 1)
-    y.float().sum().backward()
-    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert torch.isnan(y[-1])  # F.relu6 itself: NaN stays NaN in training
+    y[:-1].float().sum().backward()
+    assert x.grad.tolist()[:4] == [0.0, 1.0, 1.0, 0.0]
 
 
 def test_depthwise_convolutions_train_in_float32_under_cpu_autocast():
@@ -262,13 +270,16 @@ def test_depthwise_convolutions_train_in_float32_under_cpu_autocast():
 
     torch.manual_seed(0)
     depthwise, pointwise = SameConv2d(8, 8, 5, groups=8, dilation=2), SameConv2d(8, 16, 1)
+    frozen = SameConv2d(8, 8, 3, groups=8).requires_grad_(False)
     x = torch.randn(2, 8, 9, 11, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = depthwise(x)
         z = pointwise(y)
+        still = frozen(x)  # not trained: no backward to spare, bfloat16 like inference
         with torch.no_grad():
             inferred = depthwise(x)
-    assert (y.dtype, z.dtype, inferred.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    assert (y.dtype, z.dtype, still.dtype, inferred.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16,
+                                                               torch.bfloat16)
     torch.testing.assert_close(y, depthwise(x), rtol=0, atol=0)  # float32 as without autocast
     y.sum().backward()
     assert x.grad is not None and depthwise.weight.grad.dtype == torch.float32

@@ -152,8 +152,11 @@ def test_lite0_trains_channels_last_under_bf16_only(tiny_world, tmp_path, monkey
     seen = []
     forward = Classifier.forward_cam
 
+    def channels_last(t):
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
     def spy(self, x):
-        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        seen.append((channels_last(x), channels_last(self._conv_stem.weight)))
         return forward(self, x)
 
     monkeypatch.setattr(Classifier, "forward_cam", spy)
@@ -161,4 +164,4 @@ def test_lite0_trains_channels_last_under_bf16_only(tiny_world, tmp_path, monkey
         train_classifier(tiny_world["index"], tmp_path / precision / "classifier.pt",
                          train_params(backbone="efficientnet_lite0", iterations=1, precision=precision),
                          saliency_shards=[tiny_world["sal"]])
-    assert seen == [False, True]
+    assert seen == [(False, False), (True, True)]  # the batches and the weights

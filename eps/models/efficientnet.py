@@ -58,11 +58,11 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, groups=groups, bias=bias)
 
     def forward(self, x):
-        if self.groups > 1 and x.device.type == "cpu" and torch.is_grad_enabled() \
-                and torch.is_autocast_enabled("cpu"):
-            # training under CPU autocast: oneDNN's bfloat16 depthwise backward is slower than
-            # its float32 one (a Lite0 step 0.42 s instead of 0.30 s, bench/precision.py), so
-            # the depthwise convolutions train in float32 and the 1x1 ones in bfloat16
+        trained = torch.is_grad_enabled() and self.weight.requires_grad and self.weight.dtype == torch.float32
+        if self.groups > 1 and trained and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # a depthwise convolution trained under CPU autocast: oneDNN's bfloat16 depthwise
+            # backward is slower than its float32 one, so it trains in float32 and the 1x1
+            # convolutions in bfloat16 (docs/benchmarks.md "bfloat16")
             with torch.autocast("cpu", enabled=False):
                 return self._same(x.float())
         return self._same(x)
@@ -84,11 +84,11 @@ _BF16_SIX = int(torch.tensor(6.0, dtype=torch.bfloat16).view(torch.int16))
 
 
 def relu6_(x: torch.Tensor) -> torch.Tensor:
-    """ReLU6 in place. A bfloat16 tensor outside autograd (inference) is clamped as int16:
+    """ReLU6 in place. In inference (no grad) a bfloat16 tensor on a CPU is clamped as int16:
     bfloat16 is sign-magnitude, so as int16 every negative value (-0 included) is below 0 and
-    non-negative values keep their order, and the int16 clamp to [0, bits of 6] equals ReLU6
-    (NaN aside; -0 becomes +0), 6x faster than PyTorch's bfloat16 clamp on a CPU."""
-    if x.dtype == torch.bfloat16 and not (x.requires_grad and torch.is_grad_enabled()):
+    non-negative values keep their order, and the int16 clamp to [0, bits of 6] equals ReLU6,
+    6x faster than PyTorch's bfloat16 clamp on a CPU. Only NaN differs: it comes out as 0 or 6."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
         x.view(torch.int16).clamp_(0, _BF16_SIX)
         return x
     return F.relu6(x, inplace=True)
