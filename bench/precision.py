@@ -13,6 +13,11 @@ process:
   in the memory format ``train_classifier`` gives it (``eps.models.classifier.training_layout``),
   and both in the other format too, to show what the layout is worth.
 
+With ``--stage SPLIT --index INDEX --classifier CLASSIFIER`` it times the ``infer_cams``
+stage itself instead: ``eps infer-cams`` over the split, float32, bf16, bf16, float32 (each a
+fresh process, its start included, as a Snakemake job runs it), and the agreement of the two
+precisions' pseudo-masks over every pixel of the split.
+
 Photos: the first ``--images`` of ``../shared/data/voc12_photos`` train with their labels
 (random pixels with ``--quick``). On a CPU without AVX-512 BF16 or AMX the stages refuse
 ``bf16``; so does this script (its summary says why), unless ``--force``, which measures
@@ -23,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +75,39 @@ def masks(model, items, autocast, background: bool = True) -> list:
     return out
 
 
+def stage(index: str, classifier: str, split: str, repeats: int, workdir: Path, threads: int) -> tuple[dict, float]:
+    """`eps infer-cams` over `split` in both precisions, ABBA per repeat: (seconds per precision, agreement)."""
+    import os
+    import subprocess
+    import time
+
+    import h5py
+
+    from eps.shards import mask_from_maps, read_cams
+
+    times = {"float32": [], "bf16": []}
+    for _ in range(repeats):
+        for precision in ("float32", "bf16", "bf16", "float32"):
+            out = workdir / f"{precision}.h5"
+            out.unlink(missing_ok=True)
+            params = {"scales": [0.5, 0.75], "flip": True, "batch_size": 4, "precision": precision}
+            cmd = [sys.executable, "-m", "eps", "infer-cams", "--index", index, "--classifier", classifier,
+                   "--split", split, "--out", str(out), "--params", json.dumps(params)]
+            t0 = time.perf_counter()
+            env = dict(os.environ, EPS_THREADS=str(threads)) if threads else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            times[precision].append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                raise SystemExit(f"eps infer-cams failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    same = total = 0
+    with h5py.File(workdir / "float32.h5") as a, h5py.File(workdir / "bf16.h5") as b:
+        for image_id in a:
+            masks = [mask_from_maps(*read_cams(f, image_id), 0.20) for f in (a, b)]
+            same += int((masks[0] == masks[1]).sum())
+            total += masks[0].size
+    return times, same / total
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny inputs, one repeat (the test suite)")
@@ -78,7 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="measure bf16 even on a CPU without it (emulated)")
     parser.add_argument("--classifier", help="a trained classifier.pt: its backbone only, and its maps for the "
                         "inference and agreement (a random head makes near-ties of the pseudo-masks)")
+    parser.add_argument("--stage", metavar="SPLIT", help="time the infer_cams stage over this split instead "
+                        "(needs --index and --classifier)")
+    parser.add_argument("--index", help="index.csv of the run, for --stage")
     args = parser.parse_args(argv)
+    if args.stage and not (args.index and args.classifier):
+        parser.error("--stage needs --index and --classifier")
     _common.set_threads(args.threads)
     _common.header("precision", argv=argv)
     from eps.config import cpu_has_bf16
@@ -96,6 +142,16 @@ def main(argv=None) -> None:
         return
     quick = args.quick
     repeats = 1 if quick else args.repeats
+    if args.stage:
+        with tempfile.TemporaryDirectory() as tmp:
+            times, agree = stage(args.index, args.classifier, args.stage, repeats, Path(tmp), args.threads)
+        mean = {k: statistics.mean(v) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"eps infer-cams --split {args.stage}, {k}: " + ", ".join(f"{t:.1f} s" for t in v))
+        print(f"pseudo-masks agree on {100 * agree:.2f}% of the split's pixels")
+        _common.summary(f"precision: infer_cams stage over {args.stage} bf16 / float32 "
+                        f"{mean['float32'] / mean['bf16']:.2f}x ({100 * agree:.2f}% agree)")
+        return
     items = photos(2 if quick else args.images, quick)
     crop = 32 if quick else args.crop
     backbones = ["small"] if quick else args.backbones
