@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     from eps.config import cpu_has_bf16
     from eps.infer import prepare_model
     from eps.models import build_classifier
-    from eps.models.classifier import training_layout
+    from eps.models.classifier import PACKAGED_WEIGHTS, training_layout
     from eps.models.efficientnet import load_lite0
     from eps.training import make_optimizer
 
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
         def built(layout=torch.contiguous_format):
             torch.manual_seed(0)
             model = build_classifier(name, 20, background=True)
-            if name.startswith("efficientnet_lite0"):
+            if name in PACKAGED_WEIGHTS:  # ImageNet weights, as train_classifier starts from them
                 load_lite0(model._backbone)
             return model.to(memory_format=layout)
 

@@ -169,18 +169,13 @@ def test_lite0_trains_channels_last_under_bf16_only(tiny_world, tmp_path, monkey
 
 def test_the_stage_benchmark_runs_infer_cams_in_both_precisions(tiny_world, classifier):
     """bench/precision.py --stage: the figure docs/benchmarks.md gives for CAM inference as the stage runs it."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_bench import run_script
 
     if not eps.config.cpu_has_bf16():
         pytest.skip("this CPU has no AVX-512 BF16 or AMX: the stage refuses bf16 here")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "bench" / "precision.py"), "--stage", "train", "--index",
-                           str(tiny_world["index"]), "--classifier", str(classifier), "--repeats", "1", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    out = run_script("precision", "--stage", "train", "--index", str(tiny_world["index"]), "--classifier",
+                     str(classifier), "--threads", "1", timeout=300)
+    lines = out.splitlines()
     assert sum(line.startswith("eps infer-cams --split train, ") for line in lines) == 2
     assert lines[-1].startswith("SUMMARY precision: infer_cams stage over train bf16 / float32 ")
     agree = float(lines[-1].split("(")[-1].split("%")[0])

@@ -24,8 +24,9 @@ BACKBONES = {
     "efficientnet_lite0": lambda: Lite0Backbone(output_stride=16),
     "efficientnet_lite0_os8": lambda: Lite0Backbone(output_stride=8),
 }
+LITE0_BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_os8")
 # Backbones whose ImageNet weights come with an installed package (weights: null loads them).
-PACKAGED_WEIGHTS = ("efficientnet_lite0", "efficientnet_lite0_os8")
+PACKAGED_WEIGHTS = LITE0_BACKBONES
 
 
 class Classifier(nn.Module):
@@ -87,8 +88,7 @@ def training_layout(backbone: str, autocast, device) -> torch.memory_format:
     train no faster channels-last, and float32 keeps its layout and so its measured results
     (docs/benchmarks.md "bfloat16").
     """
-    lite0 = backbone in ("efficientnet_lite0", "efficientnet_lite0_os8")
-    if lite0 and autocast == torch.bfloat16 and torch.device(device).type == "cpu":
+    if backbone in LITE0_BACKBONES and autocast == torch.bfloat16 and torch.device(device).type == "cpu":
         return torch.channels_last
     return torch.contiguous_format
 

@@ -58,8 +58,8 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, groups=groups, bias=bias)
 
     def forward(self, x):
-        trained = torch.is_grad_enabled() and self.weight.requires_grad and self.weight.dtype == torch.float32
-        if self.groups > 1 and trained and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and torch.is_grad_enabled() and self.weight.requires_grad and self.weight.dtype == torch.float32:
             # a depthwise convolution trained under CPU autocast: oneDNN's bfloat16 depthwise
             # backward is slower than its float32 one, so it trains in float32 and the 1x1
             # convolutions in bfloat16 (docs/benchmarks.md "bfloat16")
